@@ -1,0 +1,1 @@
+"""sfx-live dispatcher service."""

@@ -1,0 +1,1 @@
+"""sfx-live merger service."""

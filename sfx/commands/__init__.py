@@ -1,0 +1,1 @@
+"""Sub-commands of ``sfx``: each module defines ``register(subparsers)``; the CLI finds them by itself."""
