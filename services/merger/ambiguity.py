@@ -1,0 +1,125 @@
+"""Indexing-ambiguity resolution (Brehm & Diederichs 2014; the idea of CrystFEL's ambigator).
+
+When the lattice has more symmetry than the point group (P 4₃, P 6₁, P 3₁ 2 1, ...), a still can be indexed in any
+of several settings that are not symmetry-equivalent; each frame's setting ("mode") is one coset of the point group
+in the lattice group. The modes are chosen so that frames agree: each frame takes the mode in which its intensities
+correlate best with the merge of the others.
+
+Bootstrap: with no trustworthy reference yet, frames are visited one at a time and each is compared with the merge
+of all the others in their current modes (which is what summing the pairwise correlations of the original method
+amounts to), sweeping until no frame changes. Afterwards each frame is simply assigned against the current merge.
+Intensities are divided by the mean intensity at their resolution first, so that the common fall-off with
+resolution, which every mode shares, does not dilute the difference between modes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import gemmi
+import numpy as np
+
+from libs.common.crystal import lattice_operators, reciprocal_space_operators
+from services.merger.rejection import grouped_correlation
+
+
+def reindexing_modes(cell: Sequence[float], group: gemmi.SpaceGroup, tolerance_degrees: float = 1.0) -> np.ndarray:
+    """Integer matrices (k, 3, 3), h' = R·h, one per coset of the point group in the lattice group; identity first."""
+    point_group = reciprocal_space_operators(group)
+    identity = np.eye(3, dtype=int)
+    modes = [identity]
+    seen = {tuple(sorted(tuple((identity @ p).flatten()) for p in point_group))}
+    for operator in lattice_operators(cell, tolerance_degrees):
+        coset = tuple(sorted(tuple((operator @ p).flatten()) for p in point_group))
+        if coset not in seen:
+            seen.add(coset)
+            modes.append(np.asarray(operator, dtype=int))
+    return np.array(modes, dtype=int)
+
+
+def resolution_normalised(values: np.ndarray, inv_d2: np.ndarray, n_bins: int = 12) -> np.ndarray:
+    """Values divided by their mean in resolution bins of equal counts (mean taken over the values themselves)."""
+    if values.size == 0:
+        return values.astype(float)
+    edges = np.unique(np.quantile(inv_d2, np.linspace(0, 1, n_bins + 1)))
+    bins = np.clip(np.searchsorted(edges, inv_d2, side="right") - 1, 0, max(edges.size - 2, 0))
+    count = np.bincount(bins).astype(float)
+    mean = np.bincount(bins, weights=values) / np.maximum(count, 1)
+    mean = np.where(np.abs(mean) > 0, mean, 1.0)
+    return np.asarray(values / mean[bins], dtype=float)
+
+
+def mode_correlations(
+    frame: np.ndarray, n_frames: int, values: np.ndarray, asu_by_mode: np.ndarray, reference: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """CC (n_frames, k) of each frame's values with ``reference`` (per ASU reflection, NaN = unknown) in each mode."""
+    k = asu_by_mode.shape[1]
+    cc = np.full((n_frames, k), np.nan)
+    pairs = np.zeros((n_frames, k), dtype=int)
+    for mode in range(k):
+        asu = asu_by_mode[:, mode]
+        y = np.where(asu >= 0, reference[np.maximum(asu, 0)], np.nan)
+        cc[:, mode], pairs[:, mode] = grouped_correlation(frame, values, y, n_frames)
+    return cc, pairs
+
+
+def choose_modes(cc: np.ndarray, current: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """Best mode of each frame (the current one where no mode can be judged) and whether the choice is clear."""
+    filled = np.where(np.isfinite(cc), cc, -np.inf)
+    best = np.argmax(filled, axis=1)
+    ordered = np.sort(filled, axis=1)
+    clear = np.isfinite(ordered[:, -1]) & (ordered[:, -1] - ordered[:, -2] >= margin)
+    judged = np.isfinite(ordered[:, -1])
+    return np.where(judged, best, current), clear
+
+
+def resolve_sequentially(
+    starts: np.ndarray,
+    stops: np.ndarray,
+    values: np.ndarray,
+    asu_by_mode: np.ndarray,
+    n_reflections: int,
+    initial_modes: np.ndarray,
+    rng: np.random.Generator,
+    max_sweeps: int = 30,
+) -> np.ndarray:
+    """Assign each frame (observations starts[i]:stops[i]) the mode agreeing best with the merge of the others."""
+    modes = initial_modes.astype(int).copy()
+    total = np.zeros(n_reflections)
+    count = np.zeros(n_reflections)
+    for f in range(starts.size):
+        asu = asu_by_mode[starts[f] : stops[f], modes[f]]
+        np.add.at(total, asu, values[starts[f] : stops[f]])
+        np.add.at(count, asu, 1.0)
+    k = asu_by_mode.shape[1]
+    for _ in range(max_sweeps):
+        changed = 0
+        for f in rng.permutation(starts.size):
+            part = slice(starts[f], stops[f])
+            x = values[part]
+            own = asu_by_mode[part, modes[f]]
+            np.subtract.at(total, own, x)
+            np.subtract.at(count, own, 1.0)
+            best_mode, best_cc = modes[f], -np.inf
+            for mode in range(k):
+                asu = asu_by_mode[part, mode]
+                n = count[asu]
+                seen = n > 0
+                if seen.sum() < 3:
+                    continue
+                y = total[asu[seen]] / n[seen]
+                xs = x[seen]
+                if np.std(xs) == 0 or np.std(y) == 0:
+                    continue
+                cc = float(np.corrcoef(xs, y)[0, 1])
+                if cc > best_cc + 1e-12:
+                    best_mode, best_cc = mode, cc
+            if best_mode != modes[f]:
+                changed += 1
+                modes[f] = best_mode
+            chosen = asu_by_mode[part, modes[f]]
+            np.add.at(total, chosen, x)
+            np.add.at(count, chosen, 1.0)
+        if changed == 0:
+            break
+    return modes

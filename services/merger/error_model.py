@@ -1,0 +1,78 @@
+"""Error model: inflate the sigmas so that they match the scatter of symmetry-equivalent observations.
+
+σ'² = SDFAC² · (σ² + SDB²·<I> + SDADD²·<I>²), with <I> the mean of the reflection (as aimless uses it).
+The fit compares, in bins of <I>, the mean squared deviation of observations from their reflection's mean
+(corrected by n/(n-1) for the mean's own use of them) with the model; the model is linear in SDFAC², SDFAC²·SDB²
+and SDFAC²·SDADD², so a non-negative least squares solves it in one step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from scipy.optimize import nnls
+
+
+class ErrorModel(BaseModel):
+    """Parameters of σ'² = SDFAC²(σ² + SDB²·I + SDADD²·I²)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sdfac: float = Field(1.0, gt=0)
+    sdb: float = Field(0.0, ge=0)
+    sdadd: float = Field(0.0, ge=0)
+
+    def inflate(self, sigma: np.ndarray, mean_intensity: np.ndarray) -> np.ndarray:
+        """σ' for observations with sigma ``sigma`` of reflections with mean ``mean_intensity``."""
+        positive = np.maximum(mean_intensity, 0.0)
+        variance = sigma.astype(float) ** 2 + self.sdb**2 * positive + (self.sdadd * positive) ** 2
+        return self.sdfac * np.sqrt(variance)
+
+
+def fit_error_model(
+    asu_index: np.ndarray,
+    intensity: np.ndarray,
+    sigma: np.ndarray,
+    n_reflections: int,
+    *,
+    min_multiplicity: int = 3,
+    n_bins: int = 20,
+    clip_deviation: float = 8.0,
+) -> ErrorModel:
+    """Fit the model to scaled observations (``asu_index`` per observation); identity when data are too few."""
+    count = np.bincount(asu_index, minlength=n_reflections).astype(float)
+    total = np.bincount(asu_index, weights=intensity, minlength=n_reflections)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = total / count
+    n = count[asu_index]
+    use = (n >= min_multiplicity) & (sigma > 0)
+    if use.sum() < 50 * n_bins // 4:
+        return ErrorModel()
+    deviation2 = (intensity[use] - mean[asu_index[use]]) ** 2 * n[use] / (n[use] - 1)
+    mean_i = np.maximum(mean[asu_index[use]], 0.0)
+    sigma2 = sigma[use].astype(float) ** 2
+    # A single wild observation must not set the scale of a whole bin.
+    ceiling = clip_deviation**2 * (sigma2 + (0.3 * mean_i) ** 2 + np.median(sigma2))
+    deviation2 = np.minimum(deviation2, ceiling)
+    edges = np.unique(np.quantile(mean_i, np.linspace(0, 1, n_bins + 1)))
+    bins = np.clip(np.searchsorted(edges, mean_i, side="right") - 1, 0, max(edges.size - 2, 0))
+    n_groups = max(edges.size - 1, 1)
+    size = np.bincount(bins, minlength=n_groups).astype(float)
+    valid = size >= 10
+    observed = np.bincount(bins, weights=deviation2, minlength=n_groups)[valid] / size[valid]
+    design = np.stack(
+        [
+            np.bincount(bins, weights=sigma2, minlength=n_groups)[valid] / size[valid],
+            np.bincount(bins, weights=mean_i, minlength=n_groups)[valid] / size[valid],
+            np.bincount(bins, weights=mean_i**2, minlength=n_groups)[valid] / size[valid],
+        ],
+        axis=1,
+    )
+    if observed.size < 3 or not np.all(observed > 0):
+        return ErrorModel()
+    # Relative residuals: each bin counts the same whatever its intensity.
+    solution, _ = nnls(design / observed[:, None], np.ones_like(observed))
+    a, c, d = solution
+    if a <= 0:
+        return ErrorModel()
+    return ErrorModel(sdfac=float(np.sqrt(a)), sdb=float(np.sqrt(c / a)), sdadd=float(np.sqrt(d / a)))
