@@ -1,0 +1,252 @@
+"""Spotfinding: the DIALS dispersion threshold, then connected components of the strong pixels.
+
+A pixel is strong when, over the valid pixels of the (2k+1)² window around it (m of them, sum S, sum of squares Q):
+
+* the window is over-dispersed: variance/mean > gain·(1 + sigma_background·sqrt(2/(m-1))),
+* the pixel stands out: I - mean > sigma_strong·sqrt(gain·mean),
+* and I > global_threshold.
+
+Window sums S and m are separable box filters in float32 over the whole frame (a running filter along fast, a few
+contiguous row additions along slow); the strength condition, rearranged without division, picks the few candidate
+pixels, and the sum of squares Q (needed only for the dispersion test) is gathered from their windows alone. This
+gives exactly the DIALS decision at a fraction of the cost of filtering Q everywhere. Strong pixels are grouped with
+8-connectivity inside one panel only (links never cross a panel edge), as a sparse graph. Pure numpy, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from libs.common.geometry import Beam, Detector, d_spacing_of_lab_points
+from libs.common.parameters import SpotfindingParameters
+
+
+class SpotfindingError(ValueError):
+    """Inputs that do not fit together (shapes of image, mask, gain, detector)."""
+
+
+@dataclass(frozen=True)
+class SpotList:
+    """Spots of one frame, one row each: centroids in continuous pixel coordinates (pixel centre at i + 0.5)."""
+
+    panel: np.ndarray  # int32 (n,)
+    fast: np.ndarray  # float64 (n,)
+    slow: np.ndarray  # float64 (n,)
+    intensity: np.ndarray  # float64 (n,): counts summed over the spot's strong pixels
+    size: np.ndarray  # int32 (n,): strong pixels
+    lab: np.ndarray  # float64 (n, 3): lab position of the centroid, mm
+    d_spacing: np.ndarray  # float64 (n,), Å
+
+    def __len__(self) -> int:
+        return int(self.panel.shape[0])
+
+    def select(self, chosen: np.ndarray) -> SpotList:
+        """The spots where ``chosen`` (a boolean mask or indices) selects."""
+        return SpotList(
+            panel=self.panel[chosen],
+            fast=self.fast[chosen],
+            slow=self.slow[chosen],
+            intensity=self.intensity[chosen],
+            size=self.size[chosen],
+            lab=self.lab[chosen],
+            d_spacing=self.d_spacing[chosen],
+        )
+
+    @staticmethod
+    def empty() -> SpotList:
+        return SpotList(
+            panel=np.zeros(0, np.int32),
+            fast=np.zeros(0),
+            slow=np.zeros(0),
+            intensity=np.zeros(0),
+            size=np.zeros(0, np.int32),
+            lab=np.zeros((0, 3)),
+            d_spacing=np.zeros(0),
+        )
+
+
+@dataclass(frozen=True)
+class SpotfindingResult:
+    """Spots plus the strong-pixel map (integration excludes those pixels from other spots' backgrounds)."""
+
+    spots: SpotList
+    strong: np.ndarray  # int64 (k,): sorted flat indices of the strong pixels in the frame
+
+
+class SpotFinder:
+    """Dispersion spotfinding for one detector and mask; precomputes what is the same for every frame of a run.
+
+    Not thread-safe: it reuses one padded work buffer across frames (one finder per worker).
+    """
+
+    def __init__(
+        self,
+        detector: Detector,
+        beam: Beam,
+        mask: np.ndarray,
+        parameters: SpotfindingParameters,
+        gain_map: np.ndarray | None = None,
+    ) -> None:
+        shape = detector.frame_shape
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != shape:
+            raise SpotfindingError(f"mask has shape {mask.shape}, the detector's frames have {shape}")
+        if gain_map is not None and np.shape(gain_map) != shape:
+            raise SpotfindingError(f"gain map has shape {np.shape(gain_map)}, the detector's frames have {shape}")
+        if gain_map is not None and not np.all(np.asarray(gain_map)[mask] > 0):
+            raise SpotfindingError("gain map must be positive on every valid pixel")
+        self.detector = detector
+        self.beam = beam
+        self.parameters = parameters
+        self.mask = mask
+        self.shape = shape
+        self.k = parameters.kernel_half_size
+        self.window = 2 * self.k + 1
+        self.gain_map = None if gain_map is None else np.asarray(gain_map, dtype=np.float32)
+        n_panels, n_slow, n_fast = shape
+        # Zero-padded work buffer: windows see zeros (= invalid) beyond a panel's edges, never another panel.
+        self._padded = np.zeros((n_panels, n_slow + 2 * self.k, n_fast + 2 * self.k), dtype=np.float32)
+        self._mask_f32 = mask.astype(np.float32)
+        self._count = self._valid_count(self._mask_f32)
+        window = np.arange(-self.k, self.k + 1)
+        row_stride = n_fast + 2 * self.k
+        # Flat offsets of a window's pixels in the padded buffer, relative to its centre.
+        self._window_offsets = (window[:, None] * row_stride + window[None, :]).ravel()
+
+    def _valid_count(self, valid: np.ndarray) -> np.ndarray:
+        count = self._box_sum(valid.astype(np.float32))
+        np.rint(count, out=count)
+        return count
+
+    def _box_sum(self, values: np.ndarray) -> np.ndarray:
+        """Window sums within each panel (zero beyond its edges), float32 (n_panels, n_slow, n_fast)."""
+        k, size = self.k, self.window
+        rows = ndimage.uniform_filter1d(values, size, axis=2, mode="constant", cval=0.0)
+        rows *= np.float32(size)
+        # Along slow: shifted additions of contiguous row blocks (a strided filter along that axis is much slower).
+        sums = rows.copy()
+        for shift in range(1, k + 1):
+            sums[:, shift:] += rows[:, :-shift]
+            sums[:, :-shift] += rows[:, shift:]
+        return sums
+
+    def strong_pixels(self, image: np.ndarray) -> np.ndarray:
+        """Flat indices (sorted) of the strong pixels of ``image`` (n_panels, n_slow, n_fast)."""
+        if image.shape != self.shape:
+            raise SpotfindingError(f"image has shape {image.shape}, the detector's frames have {self.shape}")
+        p, k = self.parameters, self.k
+        mask_f, count = self._mask_f32, self._count
+        overloaded = image >= p.overload
+        if overloaded.any():
+            # Saturated pixels leave every window they belong to, exactly like masked ones.
+            mask_f = (self.mask & ~overloaded).astype(np.float32)
+            count = self._valid_count(mask_f)
+        data = image.astype(np.float32)
+        data *= mask_f
+        sums = self._box_sum(data)
+        gain = self.gain_map if self.gain_map is not None else np.float32(p.gain)
+        # Strength, I - S/m > σ_s·sqrt(gain·S/m), rearranged without division: (m·I - S)² > σ_s²·gain·S·m with
+        # m·I > S. The square form is evaluated everywhere (few full-frame passes); the sign, S > 0 and the
+        # global threshold are then checked on the candidates only.
+        excess = count * data
+        excess -= sums
+        bound = sums * count
+        if isinstance(gain, np.ndarray):
+            bound *= gain
+            bound *= np.float32(p.sigma_strong**2)
+        else:
+            bound *= np.float32(p.sigma_strong**2 * float(gain))
+        np.square(excess, out=excess)
+        flat = np.flatnonzero(excess > bound)
+        data_c, sums_c, m_c = data.ravel()[flat], sums.ravel()[flat], count.ravel()[flat]
+        keep = (m_c * data_c > sums_c) & (sums_c > 0) & (data_c > np.float32(p.global_threshold))
+        flat, sums_c, m_c = flat[keep], sums_c[keep], m_c[keep]
+        if flat.size == 0:
+            return flat
+        # Dispersion only where the pixel is strong enough: window sums of squares gathered at the candidates.
+        self._padded[:, k:-k, k:-k] = data
+        panel, slow, fast = np.unravel_index(flat, self.shape)
+        padded_centre = np.ravel_multi_index((panel, slow + k, fast + k), self._padded.shape)
+        window_values = self._padded.ravel()[padded_centre[:, None] + self._window_offsets[None, :]]
+        sum_sq = np.einsum("ij,ij->i", window_values, window_values, dtype=np.float64)
+        m = m_c.astype(np.float64)
+        s = sums_c.astype(np.float64)
+        g = gain.ravel()[flat] if isinstance(gain, np.ndarray) else float(gain)
+        # variance/mean > gain·(1 + σ_b·sqrt(2/(m-1))), with variance = (m·Q - S²)/(m(m-1)), mean = S/m.
+        bound_dispersion = 1.0 + p.sigma_background * np.sqrt(2.0 / np.maximum(m - 1.0, 1.0))
+        dispersed = (m * sum_sq - s * s) > g * s * (m - 1.0) * bound_dispersion
+        enough = m >= p.min_local_pixels
+        return flat[dispersed & enough]
+
+    def _connected_components(self, flat: np.ndarray) -> tuple[np.ndarray, int]:
+        """Label of each strong pixel (8-connectivity inside one panel), labels 0..n-1."""
+        _, n_slow, n_fast = self.shape
+        _, slow, fast = np.unravel_index(flat, self.shape)
+        rows, cols = [], []
+        for d_slow, d_fast in ((0, 1), (1, -1), (1, 0), (1, 1)):
+            inside = (slow + d_slow < n_slow) & (fast + d_fast >= 0) & (fast + d_fast < n_fast)
+            target = flat + d_slow * n_fast + d_fast
+            position = np.searchsorted(flat, target)
+            position = np.minimum(position, flat.size - 1)
+            linked = inside & (flat[position] == target)
+            rows.append(np.flatnonzero(linked))
+            cols.append(position[linked])
+        row, col = np.concatenate(rows), np.concatenate(cols)
+        graph = coo_matrix((np.ones(row.size, dtype=np.int8), (row, col)), shape=(flat.size, flat.size))
+        n_labels, labels = connected_components(graph, directed=False)
+        return labels, int(n_labels)
+
+    def find(self, image: np.ndarray) -> SpotfindingResult:
+        """Strong pixels grouped into spots with centroids, intensities and resolutions."""
+        flat = self.strong_pixels(image)
+        p = self.parameters
+        if flat.size == 0:
+            return SpotfindingResult(SpotList.empty(), flat)
+        label_of, n_labels = self._connected_components(flat)
+        values = image.ravel()[flat].astype(np.float64)
+        panel_idx, slow_idx, fast_idx = np.unravel_index(flat, self.shape)
+        size = np.bincount(label_of, minlength=n_labels)
+        # Weight by counts above the spot's floor so the centroid follows the peak, not the background.
+        floor = np.full(n_labels, np.inf)
+        np.minimum.at(floor, label_of, values)
+        weights = np.maximum(values - floor[label_of] + 1.0, 1e-3)
+        total_w = np.bincount(label_of, weights, minlength=n_labels)
+        fast = np.bincount(label_of, weights * (fast_idx + 0.5), minlength=n_labels) / total_w
+        slow = np.bincount(label_of, weights * (slow_idx + 0.5), minlength=n_labels) / total_w
+        panel = np.zeros(n_labels, dtype=np.int32)
+        panel[label_of] = panel_idx
+        intensity = np.bincount(label_of, values, minlength=n_labels)
+        keep = (size >= p.min_spot_size) & (size <= p.max_spot_size)
+        panel, fast, slow, intensity, size = panel[keep], fast[keep], slow[keep], intensity[keep], size[keep]
+        lab = self.detector.pixel_to_lab(panel, fast, slow) if len(panel) else np.zeros((0, 3))
+        d_spacing = d_spacing_of_lab_points(lab, self.beam.wavelength)
+        d_lo = p.d_min if p.d_min is not None else 0.0
+        d_hi = p.d_max if p.d_max is not None else np.inf
+        in_range = (d_spacing >= d_lo) & (d_spacing <= d_hi)
+        spots = SpotList(
+            panel=panel.astype(np.int32),
+            fast=fast,
+            slow=slow,
+            intensity=intensity,
+            size=size.astype(np.int32),
+            lab=lab,
+            d_spacing=d_spacing,
+        ).select(in_range)
+        return SpotfindingResult(spots, flat)
+
+
+def find_spots(
+    image: np.ndarray,
+    detector: Detector,
+    beam: Beam,
+    mask: np.ndarray,
+    parameters: SpotfindingParameters,
+    gain_map: np.ndarray | None = None,
+) -> SpotfindingResult:
+    """One-shot spotfinding (build a :class:`SpotFinder` once per run to reuse the mask-dependent work)."""
+    return SpotFinder(detector, beam, mask, parameters, gain_map).find(image)
