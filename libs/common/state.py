@@ -1,0 +1,252 @@
+"""Live state on Redis: every key of the system is named here, with its type and lifetime.
+
+Redis holds live state only (progress, counters, latest statistics, who is alive); what must survive lives in files
+or is recomputed from messages. Every key starts with ``<namespace>:`` and every id inside a key is escaped with
+:func:`libs.common.bus.escape_word` (so a ``:`` in a run id cannot be mistaken for a separator).
+
+===================================  =======  ======================  ===============================================
+key                                  type     TTL                     content
+===================================  =======  ======================  ===============================================
+``<ns>:runs``                        zset     state TTL, refreshed    run id -> time of its last update
+``<ns>:run:<run>``                   string   state TTL               latest RunManifest (JSON)
+``<ns>:run:<run>:trials``            set      state TTL, refreshed    trials under which the run was counted
+``<ns>:run:<run>:<trial>:counters``  hash     state TTL, refreshed    frames, hits, indexed, failed, reflections
+``<ns>:seen:<run>:<trial>``          bitmap   state TTL, refreshed    bit i set: frame i already counted
+``<ns>:job:<job>``                   string   state TTL               latest JobState (JSON)
+``<ns>:merge:<dataset>:<trial>``     string   state TTL               latest MergeUpdate (JSON)
+``<ns>:service:<name>:<instance>``   string   3 x heartbeat period    latest ServiceHeartbeat (JSON)
+===================================  =======  ======================  ===============================================
+
+"State TTL" is ``settings.state_ttl_seconds``. A bitmap rather than a set marks frames seen: frame indices are dense,
+so a million frames cost 125 kB instead of tens of MB, and ``SETBIT`` returns the previous bit, which makes
+"count once" a single atomic script.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import redis
+
+from libs.common.bus import escape_word
+from libs.common.messages import (
+    FrameResult,
+    JobState,
+    MergeUpdate,
+    Message,
+    RunManifest,
+    ServiceHeartbeat,
+    decode_message,
+)
+from libs.common.settings import Settings, get_settings
+
+M = TypeVar("M", bound=Message)
+
+FRAME_COUNTER_FIELDS = ("frames", "hits", "indexed", "failed", "reflections")
+"""Fields of a trial's counters hash."""
+
+_MAX_FRAME_INDEX = 2**32 - 1  # Redis bitmaps address at most 2^32 bits
+
+# KEYS: seen bitmap, counters hash, trials set, runs zset.
+# ARGV: frame index, ttl, trial, run id, now, then field/increment pairs.
+# SETBIT returns the previous bit: only the first delivery of a frame increments the counters.
+_COUNT_ONCE_SCRIPT = """
+local previous = redis.call('SETBIT', KEYS[1], ARGV[1], 1)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+if previous == 1 then
+  return 0
+end
+for i = 6, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
+redis.call('EXPIRE', KEYS[4], ARGV[2])
+return 1
+"""
+
+
+class Keys:
+    """Builders of every Redis key of one namespace (the only place key strings are spelled)."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+
+    def runs(self) -> str:
+        return f"{self.namespace}:runs"
+
+    def run(self, run_id: str) -> str:
+        return f"{self.namespace}:run:{escape_word(run_id)}"
+
+    def trials(self, run_id: str) -> str:
+        return f"{self.run(run_id)}:trials"
+
+    def counters(self, run_id: str, trial: str) -> str:
+        return f"{self.run(run_id)}:{escape_word(trial)}:counters"
+
+    def seen(self, run_id: str, trial: str) -> str:
+        return f"{self.namespace}:seen:{escape_word(run_id)}:{escape_word(trial)}"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.namespace}:job:{escape_word(job_id)}"
+
+    def merge(self, dataset_id: str, trial: str) -> str:
+        return f"{self.namespace}:merge:{escape_word(dataset_id)}:{escape_word(trial)}"
+
+    def service(self, service: str, instance: str) -> str:
+        return f"{self.namespace}:service:{escape_word(service)}:{escape_word(instance)}"
+
+    def service_pattern(self) -> str:
+        """SCAN pattern matching every service heartbeat key."""
+        return f"{self.namespace}:service:*"
+
+    def everything_pattern(self) -> str:
+        """SCAN pattern matching every key of the namespace."""
+        return f"{self.namespace}:*"
+
+
+class LiveState:
+    """Reads and writes the live state of one namespace. Thread-safe (redis-py pools connections)."""
+
+    def __init__(self, settings: Settings | None = None, client: redis.Redis | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.redis: redis.Redis = client or redis.Redis.from_url(self.settings.redis_url, socket_timeout=10)
+        self.keys = Keys(self.settings.namespace)
+        self.ttl = self.settings.state_ttl_seconds
+        self.service_ttl = max(1, math.ceil(3 * self.settings.heartbeat_seconds))
+        self._count_once = self.redis.register_script(_COUNT_ONCE_SCRIPT)
+
+    # -- frames: count once ----------------------------------------------------------------------------------------
+
+    def count_frame_once(
+        self, run_id: str, trial: str, frame_index: int, increments: Mapping[str, int] | None = None
+    ) -> bool:
+        """Mark (run, trial, frame) seen and add ``increments`` to its counters, atomically, only the first time.
+
+        Returns True when the frame was new (counted now), False when it had been counted before (a redelivery).
+        """
+        if not 0 <= frame_index <= _MAX_FRAME_INDEX:
+            raise ValueError(f"frame_index {frame_index} of run {run_id} is outside 0..{_MAX_FRAME_INDEX}")
+        increments = {"frames": 1} if increments is None else increments
+        pairs: list[str | int] = []
+        for field_name, amount in increments.items():
+            pairs += [field_name, int(amount)]
+        counted = self._count_once(
+            keys=[
+                self.keys.seen(run_id, trial),
+                self.keys.counters(run_id, trial),
+                self.keys.trials(run_id),
+                self.keys.runs(),
+            ],
+            args=[frame_index, self.ttl, trial, run_id, time.time(), *pairs],
+        )
+        return bool(counted)
+
+    def count_frame_result(self, result: FrameResult) -> bool:
+        """Count a FrameResult once: frames, hits, indexed, failed and reflections of its run and trial."""
+        increments = {
+            "frames": 1,
+            "hits": int(result.hit),
+            "indexed": int(result.indexed),
+            "failed": int(result.error is not None),
+            "reflections": len(result.reflections) if result.reflections is not None else 0,
+        }
+        return self.count_frame_once(result.run_id, result.trial, result.frame_index, increments)
+
+    def counters(self, run_id: str, trial: str) -> dict[str, int]:
+        """The counters of a run under a trial (every field of FRAME_COUNTER_FIELDS, 0 when absent)."""
+        raw: dict[bytes, bytes] = self.redis.hgetall(self.keys.counters(run_id, trial))  # type: ignore[assignment]
+        values = {key.decode(): int(value) for key, value in raw.items()}
+        return {**dict.fromkeys(FRAME_COUNTER_FIELDS, 0), **values}
+
+    def frames_seen(self, run_id: str, trial: str) -> int:
+        """How many distinct frames of a run were counted under a trial."""
+        return int(self.redis.bitcount(self.keys.seen(run_id, trial)))
+
+    def was_seen(self, run_id: str, trial: str, frame_index: int) -> bool:
+        return bool(self.redis.getbit(self.keys.seen(run_id, trial), frame_index))
+
+    def increment(self, run_id: str, trial: str, field_name: str, amount: int = 1) -> int:
+        """Add to one counter unconditionally (for quantities that are not per-frame); returns the new value."""
+        key = self.keys.counters(run_id, trial)
+        pipeline = self.redis.pipeline(transaction=True)
+        pipeline.hincrby(key, field_name, amount)
+        pipeline.expire(key, self.ttl)
+        new_value, _ = pipeline.execute()
+        return int(new_value)
+
+    def trials(self, run_id: str) -> list[str]:
+        members: set[bytes] = self.redis.smembers(self.keys.trials(run_id))  # type: ignore[assignment]
+        return sorted(member.decode() for member in members)
+
+    def runs(self) -> list[str]:
+        """Run ids, most recently updated first."""
+        members: list[bytes] = self.redis.zrevrange(self.keys.runs(), 0, -1)  # type: ignore[assignment]
+        return [member.decode() for member in members]
+
+    # -- latest messages -------------------------------------------------------------------------------------------
+
+    def save_run(self, manifest: RunManifest) -> None:
+        pipeline = self.redis.pipeline(transaction=True)
+        pipeline.set(self.keys.run(manifest.run_id), manifest.encode(), ex=self.ttl)
+        pipeline.zadd(self.keys.runs(), {manifest.run_id: time.time()})
+        pipeline.expire(self.keys.runs(), self.ttl)
+        pipeline.execute()
+
+    def run(self, run_id: str) -> RunManifest | None:
+        return self._load(self.keys.run(run_id), RunManifest)
+
+    def save_job(self, job_state: JobState) -> None:
+        self.redis.set(self.keys.job(job_state.job_id), job_state.encode(), ex=self.ttl)
+
+    def job(self, job_id: str) -> JobState | None:
+        return self._load(self.keys.job(job_id), JobState)
+
+    def save_merge(self, update: MergeUpdate) -> None:
+        self.redis.set(self.keys.merge(update.dataset_id, update.trial), update.encode(), ex=self.ttl)
+
+    def merge(self, dataset_id: str, trial: str) -> MergeUpdate | None:
+        return self._load(self.keys.merge(dataset_id, trial), MergeUpdate)
+
+    # -- services --------------------------------------------------------------------------------------------------
+
+    def write_heartbeat(self, heartbeat: ServiceHeartbeat) -> None:
+        """Store a heartbeat; the key expires after three periods without a new one."""
+        key = self.keys.service(heartbeat.service, heartbeat.instance)
+        self.redis.set(key, heartbeat.encode(), ex=self.service_ttl)
+
+    def remove_heartbeat(self, service: str, instance: str) -> None:
+        self.redis.delete(self.keys.service(service, instance))
+
+    def live_services(self) -> list[ServiceHeartbeat]:
+        """Every service instance whose heartbeat has not expired, sorted by service and instance."""
+        keys = list(self.redis.scan_iter(match=self.keys.service_pattern(), count=500))
+        if not keys:
+            return []
+        values: list[bytes | None] = self.redis.mget(keys)  # type: ignore[assignment]
+        services = [decode_message(value, ServiceHeartbeat) for value in values if value is not None]
+        return sorted(services, key=lambda heartbeat: (heartbeat.service, heartbeat.instance))
+
+    # -- housekeeping ----------------------------------------------------------------------------------------------
+
+    def delete_namespace(self) -> int:
+        """Delete every key of this namespace (tests and teardown); returns how many were deleted."""
+        deleted = 0
+        batch: list[Any] = []
+        for key in self.redis.scan_iter(match=self.keys.everything_pattern(), count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += int(self.redis.unlink(*batch))
+                batch = []
+        if batch:
+            deleted += int(self.redis.unlink(*batch))
+        return deleted
+
+    def _load(self, key: str, model: type[M]) -> M | None:
+        value: bytes | None = self.redis.get(key)  # type: ignore[assignment]
+        return None if value is None else decode_message(value, model)

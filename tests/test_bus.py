@@ -1,0 +1,455 @@
+"""The bus against the real RabbitMQ: round trips, redelivery, dead letters, dropped connections, DLQ tools."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import kombu
+import numpy as np
+import pytest
+
+from libs.common.bus import (
+    HEADER_ERROR,
+    HEADER_TYPE,
+    BusError,
+    Consumer,
+    Delivery,
+    HandlerCall,
+    Publisher,
+    Topology,
+    connect,
+    escape_word,
+    frame_key,
+    routing_key_for,
+    running,
+)
+from libs.common.messages import (
+    FrameResult,
+    JobSpec,
+    JobState,
+    JobStatus,
+    MergeUpdate,
+    Message,
+    ReflectionTable,
+    ReprocessRequest,
+    RunManifest,
+    ServiceHeartbeat,
+    ShellStatistics,
+)
+from libs.common.settings import Settings, get_settings
+from libs.common.state import LiveState
+from sfx.cli import main as sfx_main
+from tests.conftest import rabbitmqctl, settings_environment
+
+
+def frame_result(frame_index: int, run_id: str = "r0001", trial: str = "live", reflections: int = 0) -> FrameResult:
+    rng = np.random.default_rng(frame_index)
+    table = (
+        ReflectionTable.from_columns(
+            miller=rng.integers(-40, 40, size=(reflections, 3)),
+            intensity=rng.gamma(1.0, 100.0, size=reflections),
+            sigma=rng.uniform(1, 10, size=reflections),
+            partiality=rng.uniform(0, 1, size=reflections),
+        )
+        if reflections
+        else None
+    )
+    return FrameResult(
+        run_id=run_id,
+        trial=trial,
+        frame_index=frame_index,
+        started_at=1000.0,
+        finished_at=1000.5,
+        spot_count=40,
+        hit=True,
+        indexed=table is not None,
+        A=((0.012, 0.0, 0.0), (0.0, 0.012, 0.0), (0.0, 0.0, 0.026)) if table is not None else None,
+        cell=(79.1, 79.1, 38.0, 90.0, 90.0, 90.0) if table is not None else None,
+        reflections=table,
+    )
+
+
+def one_of_each_type() -> list[Message]:
+    manifest = RunManifest(
+        run_id="r0007.a",  # a dot inside an id must not split the routing key
+        files=["/data/r0007.h5"],
+        file_format="nxmx",
+        cell=(79.1, 79.1, 38.0, 90, 90, 90),
+        space_group="P 43 21 2",
+        live=True,
+    )
+    shell = ShellStatistics(
+        d_max=50,
+        d_min=2,
+        observations=1000,
+        unique=100,
+        possible=120,
+        completeness=0.83,
+        multiplicity=10,
+        mean_i_over_sigma=5.5,
+        cc_half=0.9,
+    )
+    return [
+        manifest,
+        JobSpec(job_id="j1", manifest=manifest, trial="live"),
+        JobState(job_id="j1", run_id="r0007.a", trial="live", status=JobStatus.RUNNING, slots=2),
+        frame_result(3, run_id="r0007.a", reflections=50),
+        ReprocessRequest(run_ids=["r0007.a"], trial="t2", parameters={"sigma_strong": 4}),
+        MergeUpdate(dataset_id="lyso", trial="live", run_ids=["r0007.a"], overall=shell, shells=[shell]),
+        ServiceHeartbeat(service="merger", instance="m1", pid=1, started_at=1.0),
+    ]
+
+
+def capture_deliveries(store: list[tuple[Message, Delivery]]) -> Callable[[HandlerCall], HandlerCall]:
+    """Test middleware: remember each message with how it arrived."""
+
+    def middleware(call: HandlerCall) -> HandlerCall:
+        def capturing(message: Message, delivery: Delivery) -> None:
+            store.append((message, delivery))
+            call(message, delivery)
+
+        return capturing
+
+    return middleware
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def dead_letters(settings: Settings) -> list[Any]:
+    """Take every message off the dead-letter queue (acking them)."""
+    messages = []
+    with connect(settings) as connection:
+        channel = connection.channel()
+        while (message := channel.basic_get(Topology(settings).dead_letter_queue.name, no_ack=True)) is not None:
+            messages.append(message)
+    return messages
+
+
+def test_routing_words_are_escaped_and_reversible() -> None:
+    assert escape_word("r0042") == "r0042"
+    assert escape_word("r1.a:b") == "r1%2Ea%3Ab"
+    assert escape_word("50%") == "50%25"
+    assert frame_key("run.1", "live") == "frame.run%2E1.live"
+    with pytest.raises(ValueError, match="empty"):
+        escape_word("")
+
+
+def test_every_message_type_round_trips_through_the_broker(settings: Settings) -> None:
+    topology = Topology(settings)
+    every_exchange = kombu.Queue(
+        topology.name("everything"),
+        bindings=[kombu.binding(exchange, routing_key="#") for exchange in topology.exchanges.values()],
+        durable=True,
+        queue_arguments=topology.work_queue_arguments(),
+    )
+    sent = one_of_each_type()
+    received: list[tuple[Message, Delivery]] = []
+    consumer = Consumer(
+        every_exchange,
+        tuple(type(message) for message in sent),
+        lambda message: None,
+        settings=settings,
+        middleware=[capture_deliveries(received)],
+    )
+    try:
+        with running(consumer), Publisher(settings) as publisher:
+            for message in sent:
+                publisher.publish(message)
+            wait_until(lambda: len(received) == len(sent), 10, "every message type")
+    finally:
+        with connect(settings) as connection:
+            connection.channel().queue_delete(every_exchange.name)
+
+    by_type = {message.type_name: (message, delivery) for message, delivery in received}
+    assert sorted(by_type) == sorted(message.type_name for message in sent)
+    for original in sent:
+        message, delivery = by_type[original.type_name]
+        assert type(message) is type(original)
+        assert message.encode() == original.encode()  # every field survives, arrays bit for bit
+        assert delivery.exchange == topology.exchange_for(original)
+        assert delivery.routing_key == routing_key_for(original)
+        assert delivery.headers[HEADER_TYPE] == original.type_name
+    assert by_type["frame_result"][1].routing_key == "frame.r0007%2Ea.live"
+    assert consumer.metrics.snapshot()["messages_handled_total"] == len(sent)
+
+
+def test_subscriber_selects_results_by_run_and_trial(settings: Settings) -> None:
+    topology = Topology(settings)
+    selected = topology.work_queue("select-r1", "results", [f"frame.{escape_word('r1')}.*"])
+    received: list[FrameResult] = []
+    consumer = Consumer(selected, FrameResult, received.append, settings=settings)
+    try:
+        with running(consumer), Publisher(settings) as publisher:
+            publisher.publish_many(
+                [
+                    frame_result(0, run_id="r1", trial="live"),
+                    frame_result(1, run_id="r1", trial="t2"),
+                    frame_result(2, run_id="r1.x", trial="live"),  # not run r1, although it starts like it
+                    frame_result(3, run_id="r2", trial="live"),
+                ]
+            )
+            wait_until(lambda: len(received) >= 2, 10, "the results of run r1")
+            time.sleep(0.3)  # anything wrongly routed would arrive by now
+    finally:
+        with connect(settings) as connection:
+            connection.channel().queue_delete(selected.name)
+    assert sorted((r.run_id, r.trial) for r in received) == [("r1", "live"), ("r1", "t2")]
+
+
+DOOMED_CONSUMER = """
+import time
+from libs.common.bus import Consumer, Topology
+from libs.common.messages import FrameResult
+from libs.common.logging import configure_logging
+from libs.common.settings import get_settings
+from libs.common.state import LiveState
+
+configure_logging("doomed", "json")  # logs to stderr; stdout carries the test's signal
+settings = get_settings()
+state = LiveState(settings)
+
+def handler(result):
+    counted = state.count_frame_result(result)
+    print(f"handled {result.frame_index} counted={counted}", flush=True)
+    time.sleep(600)  # killed here, after the side effect and before the ack
+
+Consumer(Topology(settings).queue("merger.frames"), FrameResult, handler, settings=settings, name="doomed").run()
+"""
+
+
+def test_consumer_killed_before_ack_is_redelivered_and_counted_once(settings: Settings) -> None:
+    state = LiveState(settings)
+    with Publisher(settings) as publisher:
+        publisher.publish_many([frame_result(i) for i in range(3)])
+    environment = {**settings_environment(settings), "SFX_PREFETCH": "1"}
+    doomed = subprocess.Popen(
+        [sys.executable, "-c", DOOMED_CONSUMER], env=environment, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert doomed.stdout is not None
+        first_line = doomed.stdout.readline()
+        assert first_line.strip() == "handled 0 counted=True"
+    finally:
+        doomed.kill()
+        doomed.wait(10)
+
+    received: list[tuple[Message, Delivery]] = []
+    counted: dict[int, bool] = {}
+
+    def handler(result: FrameResult) -> None:
+        counted[result.frame_index] = state.count_frame_result(result)
+
+    survivor = Consumer(
+        Topology(settings).queue("merger.frames"),
+        FrameResult,
+        handler,
+        settings=settings,
+        middleware=[capture_deliveries(received)],
+    )
+    with running(survivor):
+        wait_until(lambda: len(counted) == 3, 15, "the three frames at the surviving consumer")
+    redelivered = {
+        message.frame_index: delivery.redelivered for message, delivery in received if isinstance(message, FrameResult)
+    }
+    assert redelivered[0] is True  # the frame the killed consumer held came back
+    assert counted == {0: False, 1: True, 2: True}  # ... and was not counted again
+    assert state.counters("r0001", "live")["frames"] == 3
+    assert state.frames_seen("r0001", "live") == 3
+
+
+def test_malformed_messages_are_dead_lettered_and_good_ones_still_handled(settings: Settings) -> None:
+    topology = Topology(settings)
+    handled: list[str] = []
+    consumer = Consumer(
+        topology.queue("dispatcher.runs"), RunManifest, lambda m: handled.append(m.run_id), settings=settings
+    )
+    good = [RunManifest(run_id=f"r{i}", files=[f"/data/r{i}.h5"], file_format="cxi") for i in range(2)]
+    bad_cell = good[0].model_dump(mode="json") | {"run_id": "bad", "cell": [79.1, 79.1, -38.0, 90, 90, 90]}
+    runs_exchange = topology.name("runs")
+    with running(consumer), Publisher(settings) as publisher:
+        publisher.publish(good[0])
+        publisher.publish_raw(b"\x00 not json", runs_exchange, "manifest.garbage", {})
+        publisher.publish_raw(good[1].encode().replace(b'"cxi"', b'"tiff"'), runs_exchange, "manifest.format", {})
+        publisher.publish_raw(json.dumps(bad_cell).encode(), runs_exchange, "manifest.cell", {})
+        publisher.publish_raw(frame_result(1).encode(), runs_exchange, "manifest.wrong-type", {})
+        publisher.publish(good[1])
+        wait_until(
+            lambda: len(handled) == 2 and consumer.metrics.snapshot()["messages_dead_lettered_total"] == 4,
+            10,
+            "two good messages and four dead letters",
+        )
+    assert handled == ["r0", "r1"]
+    reasons = {m.delivery_info["routing_key"]: m.headers[HEADER_ERROR] for m in dead_letters(settings)}
+    assert set(reasons) == {"manifest.garbage", "manifest.format", "manifest.cell", "manifest.wrong-type"}
+    assert "not JSON" in reasons["manifest.garbage"]
+    assert "file_format" in reasons["manifest.format"]
+    assert "cell" in reasons["manifest.cell"] and "-38" in reasons["manifest.cell"]
+    assert "takes run_manifest messages, got frame_result" in reasons["manifest.wrong-type"]
+    assert consumer.error is None
+
+
+def test_failing_handler_is_retried_then_dead_lettered_with_its_error(settings: Settings) -> None:
+    settings = settings.model_copy(update={"delivery_limit": 2})
+    topology = Topology(settings)
+    limited = topology.work_queue("limited", "runs", ["manifest.#"])
+    attempts: list[int] = []
+
+    def always_fails(manifest: RunManifest) -> None:
+        attempts.append(1)
+        raise RuntimeError(f"cannot open {manifest.files[0]}")
+
+    consumer = Consumer(limited, RunManifest, always_fails, settings=settings)
+    try:
+        with running(consumer), Publisher(settings) as publisher:
+            publisher.publish(RunManifest(run_id="r9", files=["/data/missing.h5"], file_format="nxmx"))
+            wait_until(lambda: consumer.metrics.snapshot()["messages_dead_lettered_total"] == 1, 10, "a dead letter")
+    finally:
+        with connect(settings) as connection:
+            connection.channel().queue_delete(limited.name)
+    assert len(attempts) == 3  # first delivery plus delivery_limit redeliveries, then it stops
+    (letter,) = dead_letters(settings)
+    assert "handler failed on all 3 deliveries" in letter.headers[HEADER_ERROR]
+    assert "/data/missing.h5" in letter.headers[HEADER_ERROR]
+
+
+def test_dlq_list_replay_and_purge(settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    for name, value in settings_environment(settings).items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    settings = settings.model_copy(update={"delivery_limit": 1})
+    topology = Topology(settings)
+    broken = threading.Event()
+    broken.set()
+    handled: list[str] = []
+
+    def handler(manifest: RunManifest) -> None:
+        if broken.is_set():
+            raise RuntimeError("database down")
+        handled.append(manifest.run_id)
+
+    limited = topology.work_queue("replayable", "runs", ["manifest.#"])
+    consumer = Consumer(limited, RunManifest, handler, settings=settings)
+    try:
+        with running(consumer), Publisher(settings) as publisher:
+            publisher.publish(RunManifest(run_id="r5", files=["/data/r5.h5"], file_format="nxmx"))
+            publisher.publish_raw(b"garbage", topology.name("runs"), "manifest.garbage", {})
+            wait_until(lambda: consumer.metrics.snapshot()["messages_dead_lettered_total"] == 2, 10, "dead letters")
+            capsys.readouterr()
+            assert sfx_main(["dlq", "list"]) == 0
+            listing = capsys.readouterr().out
+            assert "database down" in listing and "not JSON" in listing and listing.count("replayable") == 2
+            broken.clear()  # the operator fixed the cause; replay puts the messages back on their queue
+            assert sfx_main(["dlq", "replay"]) == 0
+            wait_until(lambda: handled == ["r5"], 10, "the replayed message to be handled")
+            wait_until(lambda: consumer.metrics.snapshot()["messages_dead_lettered_total"] == 3, 10, "garbage again")
+        assert sfx_main(["dlq", "purge"]) == 0
+        assert "purged 1" in capsys.readouterr().out
+        assert dead_letters(settings) == []
+    finally:
+        get_settings.cache_clear()
+        with connect(settings) as connection:
+            connection.channel().queue_delete(limited.name)
+
+
+def test_bus_declare_is_idempotent_and_refuses_conflicting_queues(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    for name, value in settings_environment(settings).items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        assert sfx_main(["bus", "declare"]) == 0
+        assert sfx_main(["bus", "declare"]) == 0
+    finally:
+        get_settings.cache_clear()
+    declared = capsys.readouterr().out.split()
+    for name in ("runs", "jobs", "results", "control", "dlx", "dead-letters", "merger.frames", "dispatcher.runs"):
+        assert declared.count(f"{settings.namespace}.{name}") == 2
+    conflicting = Topology(settings.model_copy(update={"delivery_limit": settings.delivery_limit + 1}))
+    with connect(settings) as connection, pytest.raises(BusError, match=r"dispatcher\.runs exists with different"):
+        conflicting.declare(connection)
+
+
+def test_broker_drops_every_connection_mid_stream(vhost_settings: Settings) -> None:
+    """10,000 results; the broker closes every connection half-way with handlers in flight: all arrive, once."""
+    settings = vhost_settings
+    state = LiveState(settings)
+    topology = Topology(settings)
+    total, half, pause_after = 10_000, 5_000, 500
+    vhost = settings.amqp_url.rsplit("/", 1)[1]
+
+    lock = threading.Lock()
+    handled = [0, 0]
+    duplicates = [0]
+    paused = [threading.Event(), threading.Event()]
+    release = threading.Event()
+
+    def make_handler(index: int) -> Callable[[FrameResult], None]:
+        def handler(result: FrameResult) -> None:
+            new = state.count_frame_result(result)
+            with lock:
+                handled[index] += 1
+                duplicates[0] += not new
+                count = handled[index]
+            if count == pause_after:  # hold this delivery (and the prefetched ones behind it) unacked
+                paused[index].set()
+                release.wait(60)
+
+        return handler
+
+    first_half_published, connections_closed = threading.Event(), threading.Event()
+    publisher_errors: list[BaseException] = []
+    publisher = Publisher(settings, role="stream")
+
+    def publish_stream() -> None:
+        try:
+            for start in range(0, total, 250):
+                if start == half:
+                    first_half_published.set()
+                    connections_closed.wait(60)
+                publisher.publish_many([frame_result(i) for i in range(start, start + 250)])
+        except BaseException as error:
+            publisher_errors.append(error)
+        finally:
+            publisher.close()
+
+    consumers = [
+        Consumer(topology.queue("merger.frames"), FrameResult, make_handler(i), settings=settings, name=f"c{i}")
+        for i in range(2)
+    ]
+    with running(consumers[0]), running(consumers[1]):
+        stream = threading.Thread(target=publish_stream)
+        stream.start()
+        for event in (paused[0], paused[1], first_half_published):
+            assert event.wait(60)
+        output = rabbitmqctl("close_all_connections", "-p", vhost, "test: the broker drops every connection")
+        connections_closed.set()
+        release.set()
+        stream.join(120)
+        wait_until(lambda: state.counters("r0001", "live")["frames"] == total, 90, "every frame to be counted")
+        time.sleep(0.3)  # late duplicates, if any, would be counted now
+
+    assert "Closed" in output
+    assert not publisher_errors
+    assert publisher.reconnects >= 1  # its connection was dropped between the halves
+    assert all(consumer.reconnects >= 1 for consumer in consumers)
+    assert all(consumer.error is None for consumer in consumers)
+    assert state.counters("r0001", "live")["frames"] == total  # none twice in effect
+    assert state.frames_seen("r0001", "live") == total  # every message arrived
+    assert sum(handled) == total + duplicates[0]
+    assert duplicates[0] >= 1  # the held deliveries were redelivered and recognised as already counted
+    with connect(settings) as connection:
+        _, remaining, _ = connection.channel().queue_declare(topology.name("merger.frames"), passive=True)
+    assert remaining == 0
