@@ -50,17 +50,39 @@ def resolution_normalised(values: np.ndarray, inv_d2: np.ndarray, n_bins: int = 
 
 
 def mode_correlations(
-    frame: np.ndarray, n_frames: int, values: np.ndarray, asu_by_mode: np.ndarray, reference: np.ndarray
+    frame: np.ndarray, n_frames: int, values: np.ndarray, references: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """CC (n_frames, k) of each frame's values with ``reference`` (per ASU reflection, NaN = unknown) in each mode."""
-    k = asu_by_mode.shape[1]
+    """CC (n_frames, k) of each frame's values with ``references`` (per observation and mode, NaN = unknown)."""
+    k = references.shape[1]
     cc = np.full((n_frames, k), np.nan)
     pairs = np.zeros((n_frames, k), dtype=int)
     for mode in range(k):
-        asu = asu_by_mode[:, mode]
-        y = np.where(asu >= 0, reference[np.maximum(asu, 0)], np.nan)
-        cc[:, mode], pairs[:, mode] = grouped_correlation(frame, values, y, n_frames)
+        cc[:, mode], pairs[:, mode] = grouped_correlation(frame, values, references[:, mode], n_frames)
     return cc, pairs
+
+
+def references_by_mode(
+    values: np.ndarray, asu_by_mode: np.ndarray, current: np.ndarray, n_reflections: int
+) -> np.ndarray:
+    """Mean of the other observations of each observation's reflection in every mode (leave-one-out).
+
+    An observation contributes to the merge only in its frame's current mode, so only there is its own value
+    taken out; a frame compared with a merge that contains it would always prefer the mode it already has.
+    """
+    n, k = asu_by_mode.shape
+    rows = np.arange(n)
+    own = asu_by_mode[rows, current]
+    total = np.bincount(own, weights=values, minlength=n_reflections)
+    count = np.bincount(own, minlength=n_reflections).astype(float)
+    references = np.empty((n, k))
+    for mode in range(k):
+        asu = asu_by_mode[:, mode]
+        is_own = current == mode
+        others_total = total[asu] - np.where(is_own, values, 0.0)
+        others_count = count[asu] - is_own
+        with np.errstate(divide="ignore", invalid="ignore"):
+            references[:, mode] = np.where(others_count > 0, others_total / others_count, np.nan)
+    return references
 
 
 def choose_modes(cc: np.ndarray, current: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray]:

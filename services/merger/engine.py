@@ -23,6 +23,7 @@ from libs.common.messages import FrameResult, MergeUpdate
 from services.merger.ambiguity import (
     choose_modes,
     mode_correlations,
+    references_by_mode,
     reindexing_modes,
     resolution_normalised,
     resolve_sequentially,
@@ -52,6 +53,9 @@ class MergingParameters(BaseModel):
     scale_min_i_over_sigma: float = Field(2.0, ge=0, description="Confident reflections used for scaling")
     fit_b: bool = Field(True, description="Refine a relative B per frame as well as the scale")
     min_frame_cc: float = Field(0.05, description="Frames correlating less with the merge are rejected")
+    frame_cc_sigmas: float = Field(
+        2.0, ge=0, description="...and so are frames whose CC is not this many standard errors (1/√n) above zero"
+    )
     min_frame_cc_pairs: int = Field(8, ge=3, description="Pairs needed before a frame's CC is judged")
     outlier_z: float = Field(6.0, gt=0, description="Observations this many sigmas from the others are rejected")
     error_model: bool = True
@@ -334,7 +338,8 @@ class MergingEngine:
         if len(self.modes) > 1:
             values = self._normalised_values(batch["intensity"] / batch["partiality"], batch["asu"][:, 0])
             reference_values = self._normalised_reference(reference)
-            cc, _ = mode_correlations(local, n_new, values, batch["asu"], reference_values)
+            references = np.where(batch["asu"] >= 0, reference_values[np.maximum(batch["asu"], 0)], np.nan)
+            cc, _ = mode_correlations(local, n_new, values, references)
             modes, clear = choose_modes(cc, np.zeros(n_new, dtype=int), p.ambiguity_margin)
             frames["mode"][first_frame:] = modes
             frames["resolved"][first_frame:] = clear
@@ -356,10 +361,14 @@ class MergingEngine:
         frames["b"][first_frame:] = fit.b_factor
         correction = scale_correction(inv_d2, fit.scale[local], fit.b_factor[local]) * batch["partiality"]
         intensity = batch["intensity"] / correction
-        sigma = self.error_model.inflate(batch["sigma"] / correction, reference[asu])
-        cc, pairs = grouped_correlation(local, intensity, reference[asu], n_new)
+        # The error model needs the reflection's mean; a reflection seen for the first time offers only this one.
+        known_mean = np.where(np.isfinite(reference[asu]), reference[asu], intensity)
+        sigma = self.error_model.inflate(batch["sigma"] / correction, known_mean)
+        cc, pairs = self._frame_correlations(
+            local, n_new, batch["intensity"] / batch["partiality"], reference[asu], inv_d2
+        )
         frames["cc"][first_frame:] = cc
-        bad = ~np.isfinite(fit.scale) | ((pairs >= p.min_frame_cc_pairs) & (cc < p.min_frame_cc))
+        bad = ~np.isfinite(fit.scale) | self._poorly_correlated(cc, pairs)
         frames["active"][first_frame:] = ~bad
         # Outliers against the merge so far: only reflections already measured three times can be judged.
         count = self.sums.count[asu]
@@ -367,8 +376,31 @@ class MergingEngine:
             z = (intensity - reference[asu]) / np.sqrt(sigma**2 + reference_sigma[asu] ** 2)
         outlier = (count >= 3) & (np.abs(z) > p.outlier_z)
         batch["outlier"][:] = outlier
-        use = ~bad[local] & ~outlier & np.isfinite(intensity)
+        use = ~bad[local] & ~outlier & np.isfinite(intensity) & np.isfinite(sigma) & (sigma > 0)
         self.sums.add(asu[use], frames["half"][batch["frame"][use]], intensity[use], sigma[use])
+
+    def _poorly_correlated(self, cc: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+        """Frames that can be judged and correlate too little, or not significantly, with the merge."""
+        p = self.parameters
+        with np.errstate(divide="ignore", invalid="ignore"):
+            threshold = np.maximum(p.min_frame_cc, p.frame_cc_sigmas / np.sqrt(np.maximum(pairs, 1)))
+        return np.asarray((pairs >= p.min_frame_cc_pairs) & ~(cc >= threshold))
+
+    @staticmethod
+    def _frame_correlations(
+        frame: np.ndarray, n_frames: int, values: np.ndarray, reference: np.ndarray, inv_d2: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """CC of each frame with the merge after dividing both by the mean intensity at each resolution.
+
+        Judged on unscaled intensities with the fall-off removed: a fitted B can otherwise lend a frame of pure
+        noise the merge's fall-off and with it a respectable correlation.
+        """
+        known = np.isfinite(reference)
+        normalised_values = np.full(values.size, np.nan)
+        normalised_reference = np.full(values.size, np.nan)
+        normalised_values[known] = resolution_normalised(values[known], inv_d2[known])
+        normalised_reference[known] = resolution_normalised(reference[known], inv_d2[known])
+        return grouped_correlation(frame, normalised_values, normalised_reference, n_frames)
 
     def _normalised_values(self, values: np.ndarray, asu: np.ndarray) -> np.ndarray:
         return resolution_normalised(values, self.mapper.inv_d2[asu])
@@ -416,6 +448,7 @@ class MergingEngine:
             if iteration == p.scale_iterations:
                 break
             reference, reference_sigma = sums.merged()
+            scaled_before = scaled
             fit = fit_frame_scales(
                 frame,
                 n_frames,
@@ -438,8 +471,15 @@ class MergingEngine:
                 b_factor = b_factor - np.mean(b_factor[fitted])
             correction = scale_correction(inv_d2, scale[frame], b_factor[frame]) * partiality
             scaled = intensity / correction
-            cc, pairs = grouped_correlation(frame, scaled, reference[asu], n_frames)
-            active = np.isfinite(fit.scale) & ~((pairs >= p.min_frame_cc_pairs) & (cc < p.min_frame_cc))
+            # Leave-one-out: the merge without the observation itself, or a frame would correlate with its own share.
+            weight = np.where(use, 1.0 / sigma**2, 0.0)
+            others_w = sums.sum_w[asu] - weight
+            with np.errstate(divide="ignore", invalid="ignore"):
+                others = np.where(
+                    others_w > 0, (sums.sum_w[asu] * reference[asu] - weight * scaled_before) / others_w, np.nan
+                )
+            cc, pairs = self._frame_correlations(frame, n_frames, intensity / partiality, others, inv_d2)
+            active = np.isfinite(fit.scale) & ~self._poorly_correlated(cc, pairs)
             frames["cc"] = cc
             if iteration >= 1:
                 use = active[frame]
@@ -493,11 +533,8 @@ class MergingEngine:
                 rng,
             )
         for _ in range(3):
-            asu = columns["asu"][np.arange(frame.size), frames["mode"][frame]]
-            reference = self._mean_by_reflection(asu, values)
-            seen = np.bincount(asu, minlength=self.mapper.size) > 0
-            reference = np.where(seen, reference, np.nan)
-            cc, _ = mode_correlations(frame, n_frames, values, columns["asu"], reference)
+            references = references_by_mode(values, columns["asu"], frames["mode"][frame], self.mapper.size)
+            cc, _ = mode_correlations(frame, n_frames, values, references)
             modes, clear = choose_modes(cc, frames["mode"].astype(int), p.ambiguity_margin)
             changed = int((modes != frames["mode"]).sum())
             frames["mode"] = modes.astype(np.int8)

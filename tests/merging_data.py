@@ -1,0 +1,85 @@
+"""Synthetic per-frame reflections with known truth, for the merging tests (no image simulation involved).
+
+True intensities follow Wilson statistics with a fall-off; each frame sees a random subset of reflections under
+random symmetry operators (and, for ambiguous lattices, in a random indexing mode), with its own scale, relative B,
+partialities (reported with an error) and Poisson-like noise on top of a background.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from libs.common.crystal import b_matrix, reciprocal_space_operators, space_group
+from libs.common.messages import FrameResult, ReflectionTable
+from services.merger.ambiguity import reindexing_modes
+from services.merger.asu import AsuMapper
+
+
+@dataclass
+class SyntheticRun:
+    mapper: AsuMapper
+    true_intensity: np.ndarray  # per ASU reflection of mapper
+    frames: list[FrameResult]
+    true_modes: np.ndarray
+    modes: np.ndarray
+
+
+def frame_result(
+    index: int, cell: Sequence[float], table: ReflectionTable | None, run_id: str = "synthetic"
+) -> FrameResult:
+    A = b_matrix(cell)
+    return FrameResult(
+        run_id=run_id,
+        trial="t1",
+        frame_index=index,
+        started_at=0.0,
+        finished_at=0.0,
+        hit=True,
+        indexed=True,
+        A=tuple(tuple(float(v) for v in row) for row in A),  # type: ignore[arg-type]
+        cell=tuple(float(v) for v in cell),  # type: ignore[arg-type]
+        reflections=table,
+    )
+
+
+def synthetic_run(
+    n_frames: int,
+    *,
+    symbol: str = "P 43 21 2",
+    cell: Sequence[float] = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0),
+    per_frame: int = 200,
+    d_min: float = 2.0,
+    ambiguous: bool = False,
+    seed: int = 0,
+    photons: float = 300.0,
+) -> SyntheticRun:
+    rng = np.random.default_rng(seed)
+    group = space_group(symbol)
+    mapper = AsuMapper(group, cell, d_min)
+    wilson = rng.exponential(1.0, mapper.size)
+    true = photons * wilson * np.exp(-0.5 * 20.0 * mapper.inv_d2)
+    operators = reciprocal_space_operators(group)
+    modes = reindexing_modes(cell, group)
+    frames, true_modes = [], []
+    for index in range(n_frames):
+        chosen = rng.choice(mapper.size, per_frame, replace=False)
+        symmetry = operators[rng.integers(len(operators), size=per_frame)]
+        friedel = rng.choice([-1, 1], size=(per_frame, 1))
+        miller = np.einsum("nij,nj->ni", symmetry, mapper.miller[chosen]) * friedel
+        mode = int(rng.integers(len(modes))) if ambiguous else 0
+        true_modes.append(mode)
+        # Indexed in the alternative setting: h_indexed = R⁻¹·h_true, so that R·h_indexed recovers the truth.
+        miller = miller @ np.round(np.linalg.inv(modes[mode])).astype(int).T
+        scale = np.exp(rng.normal(0.0, 0.5))
+        b_factor = rng.normal(0.0, 3.0)
+        partiality = rng.uniform(0.15, 1.0, per_frame)
+        expected = scale * np.exp(-0.5 * b_factor * mapper.inv_d2[chosen]) * partiality * true[chosen]
+        sigma = np.sqrt(expected + 20.0)
+        intensity = expected + rng.normal(0.0, 1.0, per_frame) * sigma
+        reported = np.clip(partiality * np.exp(rng.normal(0.0, 0.1, per_frame)), 0.0, 1.0)
+        table = ReflectionTable.from_columns(miller, intensity, sigma, reported)
+        frames.append(frame_result(index, cell, table))
+    return SyntheticRun(mapper, true, frames, np.array(true_modes), modes)

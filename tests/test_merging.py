@@ -1,0 +1,188 @@
+"""Merging: ASU mapping, ambiguity, error model, French–Wilson, the streaming engine and bad input."""
+
+from __future__ import annotations
+
+import gemmi
+import numpy as np
+import pytest
+
+from libs.common.crystal import space_group
+from libs.common.messages import ReflectionTable
+from services.merger.ambiguity import reindexing_modes
+from services.merger.asu import AsuMapper
+from services.merger.engine import MergingEngine, MergingParameters
+from services.merger.error_model import fit_error_model
+from services.merger.french_wilson import french_wilson
+from services.merger.statistics import format_table
+from tests.merging_data import frame_result, synthetic_run
+
+TETRAGONAL = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)
+
+
+def correlation_with_truth(engine: MergingEngine, mapper: AsuMapper, truth: np.ndarray) -> float:
+    merged = engine.merged()
+    index = mapper.lookup(merged.miller)
+    return float(np.corrcoef(merged.intensity, truth[index])[0, 1])
+
+
+@pytest.mark.parametrize(
+    ("symbol", "cell"),
+    [
+        ("P 43 21 2", TETRAGONAL),
+        ("P 61", (100.0, 100.0, 50.0, 90.0, 90.0, 120.0)),
+        ("C 2", (60.0, 40.0, 50.0, 90.0, 105.0, 90.0)),
+        ("R 3", (80.0, 80.0, 90.0, 90.0, 90.0, 120.0)),
+    ],
+)
+def test_asu_mapping_agrees_with_gemmi_and_inverts(symbol: str, cell: tuple[float, ...]) -> None:
+    group = space_group(symbol)
+    mapper = AsuMapper(group, cell, 3.0)
+    rng = np.random.default_rng(1)
+    miller = rng.integers(-8, 9, size=(400, 3))
+    asu_index, isym = mapper.map(miller)
+    reference = gemmi.ReciprocalAsu(group)
+    ops = group.operations()
+    checked = 0
+    for hkl, index, code in zip(miller, asu_index, isym, strict=True):
+        if index < 0:
+            continue
+        expected_hkl, expected_isym = reference.to_asu([int(v) for v in hkl], ops)
+        assert list(mapper.miller[index]) == list(expected_hkl)
+        assert code == expected_isym
+        checked += 1
+    assert checked > 100
+    mapped = asu_index >= 0
+    back = mapper.original_miller(asu_index[mapped], isym[mapped])
+    assert np.array_equal(back, miller[mapped])
+
+
+def test_reindexing_modes_count_the_cosets_of_the_point_group_in_the_lattice() -> None:
+    assert len(reindexing_modes(TETRAGONAL, space_group("P 43 21 2"))) == 1
+    assert len(reindexing_modes(TETRAGONAL, space_group("P 43"))) == 2
+    assert len(reindexing_modes((100.0, 100.0, 50.0, 90, 90, 120), space_group("P 61"))) == 2
+    assert len(reindexing_modes((60.0, 60.0, 100.0, 90, 90, 120), space_group("P 31 2 1"))) == 2
+    assert len(reindexing_modes((60.0, 60.0, 100.0, 90, 90, 120), space_group("P 3"))) == 4
+
+
+def test_error_model_recovers_the_scatter_it_was_given() -> None:
+    rng = np.random.default_rng(2)
+    n_reflections, multiplicity = 3000, 8
+    truth = rng.exponential(500.0, n_reflections)
+    asu = np.repeat(np.arange(n_reflections), multiplicity)
+    sigma = np.sqrt(truth[asu] + 30.0)
+    true_sdfac, true_sdadd = 1.5, 0.08
+    actual = true_sdfac * np.sqrt(sigma**2 + (true_sdadd * truth[asu]) ** 2)
+    intensity = truth[asu] + rng.normal(size=asu.size) * actual
+    model = fit_error_model(asu, intensity, sigma, n_reflections)
+    assert model.sdfac == pytest.approx(true_sdfac, rel=0.1)
+    assert model.sdadd == pytest.approx(true_sdadd, rel=0.25)
+
+
+def test_french_wilson_limits_and_centric_prior() -> None:
+    strong_i = np.array([10000.0, 2500.0])
+    strong_f, strong_sigf = french_wilson(strong_i, np.array([50.0, 25.0]), np.array([3000.0, 3000.0]), np.zeros(2))
+    assert strong_f == pytest.approx(np.sqrt(strong_i), rel=2e-3)
+    assert strong_sigf == pytest.approx(np.array([50.0, 25.0]) / (2 * np.sqrt(strong_i)), rel=0.05)
+    weak = np.array([-30.0, -30.0, 0.0, 0.0])
+    f, sigf = french_wilson(weak, np.full(4, 10.0), np.full(4, 100.0), np.array([False, True, False, True]))
+    assert np.all(f > 0) and np.all(sigf > 0)
+    # Negative measurements pull F below the zero-intensity estimate; the centric prior favours smaller F.
+    assert f[0] < f[2] and f[1] < f[3]
+    assert f[1] < f[0] and f[3] < f[2]
+    # Posterior mean of F for I = 0 acentric with σ → 0 and Σ = 100 tends to 0; with σ = 10 it is a few units.
+    assert 1.0 < f[2] < 6.0
+
+
+def test_streaming_merge_matches_truth_and_improves_with_frames() -> None:
+    run = synthetic_run(600, per_frame=200, seed=3)
+    engine = MergingEngine(TETRAGONAL, "P 43 21 2", MergingParameters(d_min=2.0, bootstrap_frames=50))
+    history = []
+    for start in range(0, 600, 100):
+        report = engine.add_frames(run.frames[start : start + 100])
+        assert report.accepted == 100 and not report.rejected
+        history.append(correlation_with_truth(engine, run.mapper, run.true_intensity))
+    assert history[-1] > history[0]
+    assert history[-1] > 0.99
+    statistics = engine.statistics()
+    assert statistics.overall.observations == engine.observations
+    assert statistics.overall.cc_half is not None and statistics.overall.cc_half > 0.95
+    assert statistics.shells[-1].cc_half is not None
+    assert 0.9 < statistics.overall.completeness <= 1.0
+    assert "CC1/2" in format_table(statistics)
+    # The scales are recovered up to one overall factor: the frames' true scales are not known here, but a
+    # full re-scale from the stored observations must not change a good merge.
+    before = correlation_with_truth(engine, run.mapper, run.true_intensity)
+    engine.rescale()
+    engine.rescale()
+    assert correlation_with_truth(engine, run.mapper, run.true_intensity) == pytest.approx(before, abs=0.002)
+
+
+def test_duplicates_are_counted_once() -> None:
+    run = synthetic_run(120, per_frame=150, seed=4)
+    engine = MergingEngine(TETRAGONAL, "P 43 21 2", MergingParameters(d_min=2.0, bootstrap_frames=50))
+    engine.add_frames(run.frames[:80])
+    observations = engine.observations
+    report = engine.add_frames(run.frames[40:80])
+    assert report.duplicates == 40 and report.accepted == 0
+    assert engine.observations == observations
+    assert engine.frames_merged == 80
+
+
+def test_bad_frames_are_rejected_with_reasons_and_do_not_poison_the_merge() -> None:
+    run = synthetic_run(300, per_frame=200, seed=5)
+    good = run.frames
+    clean = MergingEngine(TETRAGONAL, "P 43 21 2", MergingParameters(d_min=2.0))
+    clean.add_frames(good)
+    reference_cc = correlation_with_truth(clean, run.mapper, run.true_intensity)
+
+    table = good[0].reflections
+    assert table is not None
+    wrong_cell = (85.0, 79.1, 38.0, 90.0, 90.0, 90.0)
+    nan_intensity = np.array(table.intensity, dtype=np.float32)
+    nan_intensity[3] = np.nan
+    rng = np.random.default_rng(6)
+
+    def garbage(source: ReflectionTable | None) -> ReflectionTable:
+        """A frame of noise where a real one predicted reflections."""
+        assert source is not None
+        noise = rng.exponential(2000.0, source.miller.shape[0])
+        return ReflectionTable.from_columns(source.miller, noise, source.sigma, source.partiality)
+
+    empty = ReflectionTable.from_columns(np.zeros((0, 3)), np.zeros(0), np.zeros(0), np.zeros(0))
+    bad = [
+        frame_result(1000, wrong_cell, table),
+        frame_result(1001, TETRAGONAL, table.model_copy(update={"intensity": nan_intensity})),
+        frame_result(1002, TETRAGONAL, empty),
+    ] + [frame_result(2000 + i, TETRAGONAL, garbage(good[200 + i].reflections)) for i in range(20)]
+    engine = MergingEngine(TETRAGONAL, "P 43 21 2", MergingParameters(d_min=2.0))
+    engine.add_frames(good[:150])
+    report = engine.add_frames(bad + good[150:])
+    reasons = {rejection.key[2]: str(rejection) for rejection in report.rejected}
+    assert "cell a = 85.00 Å" in reasons[1000]
+    assert "non-finite intensity" in reasons[1001]
+    assert "empty frame" in reasons[1002]
+    engine.rescale()
+    # The garbage frames correlate with nothing and are dropped by the frame CC test.
+    assert engine.frames_rejected >= 3 + 17
+    assert correlation_with_truth(engine, run.mapper, run.true_intensity) == pytest.approx(reference_cc, abs=0.003)
+    assert np.isfinite(engine.merged().intensity).all()
+
+
+def test_engine_refuses_a_cell_that_breaks_the_space_group() -> None:
+    with pytest.raises(ValueError, match="not compatible"):
+        MergingEngine((79.1, 70.0, 38.0, 90, 90, 90), "P 43 21 2")
+    with pytest.raises(ValueError, match="unknown space group"):
+        MergingEngine(TETRAGONAL, "P 99")
+
+
+@pytest.mark.parametrize(("symbol", "cell"), [("P 43", TETRAGONAL), ("P 61", (100.0, 100.0, 50.0, 90, 90, 120))])
+def test_ambiguity_is_resolved_consistently_on_synthetic_frames(symbol: str, cell: tuple[float, ...]) -> None:
+    run = synthetic_run(400, symbol=symbol, cell=cell, per_frame=150, ambiguous=True, seed=7)
+    engine = MergingEngine(cell, symbol, MergingParameters(d_min=2.0))
+    for start in range(0, 400, 100):
+        engine.add_frames(run.frames[start : start + 100])
+    found = np.array([engine.frame_modes()[frame.key] for frame in run.frames])
+    agreement = float(np.mean(found == run.true_modes))
+    assert max(agreement, 1 - agreement) >= 0.98
+    fraction = engine.ambiguity_resolved_fraction()
+    assert fraction is not None and fraction > 0.9
