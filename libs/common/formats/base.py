@@ -114,6 +114,28 @@ def dataset_at(file: h5py.File, name: str, path: Path, *, purpose: str = "") -> 
     return node
 
 
+def describe(error: Exception) -> str:
+    """A short message for a validation error (pydantic's own text is long)."""
+    errors = getattr(error, "errors", None)
+    if callable(errors):
+        return "; ".join(str(item.get("msg", item)).removeprefix("Value error, ") for item in errors())
+    return str(error)
+
+
+def common_size_check(sizes: list[tuple[int, int]], names: list[str], path: str | Path, fields: list[str]) -> None:
+    """All panels must have the same (n_fast, n_slow): name the first that differs from the most common size."""
+    values, counts = np.unique(np.array(sizes), axis=0, return_counts=True)
+    usual = tuple(int(v) for v in values[int(np.argmax(counts))])
+    for size, name, field_name in zip(sizes, names, fields, strict=True):
+        if tuple(size) != usual:
+            raise FormatError(
+                path,
+                f"panel {name} is {size[0]} × {size[1]} pixels (fast × slow) but the others are "
+                f"{usual[0]} × {usual[1]}: all panels must be the same size",
+                field=field_name,
+            )
+
+
 def unit_vector(vector: Any, path: str | Path, field: str, tolerance: float = 1e-3) -> np.ndarray:
     """A 3-vector checked to be of unit length (within ``tolerance``) and then normalised exactly."""
     try:
@@ -238,7 +260,7 @@ class SlabRunReader(RunReader):
                         segment.path,
                         f"panel {panel.name} addresses {len(source.index)} dimensions but a frame of this "
                         f"dataset has {len(frame_shape)} (shape {dataset.shape})",
-                        field=source.dataset,
+                        field=dataset.name,
                     )
                 extent = []
                 for axis, (item, size) in enumerate(zip(source.index, frame_shape, strict=True)):
@@ -247,7 +269,7 @@ class SlabRunReader(RunReader):
                             raise FormatError(
                                 segment.path,
                                 f"panel {panel.name}: index {item} on axis {axis} outside the data ({size})",
-                                field=source.dataset,
+                                field=dataset.name,
                             )
                         continue
                     start, stop, step = item.indices(size)
@@ -256,7 +278,7 @@ class SlabRunReader(RunReader):
                             segment.path,
                             f"panel {panel.name}: pixels {item.start}..{item.stop} on axis {axis} do not fit the "
                             f"data's {size} (shape {dataset.shape})",
-                            field=source.dataset,
+                            field=dataset.name,
                         )
                     extent.append(len(range(start, stop, step)))
                 if tuple(extent) != panel_shape:
@@ -264,7 +286,7 @@ class SlabRunReader(RunReader):
                         segment.path,
                         f"panel {panel.name}: hyperslab of shape {tuple(extent)} does not match the panel's "
                         f"(n_slow, n_fast) = {panel_shape}",
-                        field=source.dataset,
+                        field=dataset.name,
                     )
 
     def _stacked_layout(self) -> bool:
@@ -302,7 +324,7 @@ class SlabRunReader(RunReader):
                 raise FormatError(
                     segment.path,
                     f"panel datasets hold different frame counts: {counts}",
-                    field=", ".join(counts),
+                    field=", ".join(dataset.name for dataset in segment.datasets.values()),
                 )
             segment.first_frame = first
             segment.frame_count = min(counts.values())
@@ -313,7 +335,7 @@ class SlabRunReader(RunReader):
                         segment.path,
                         f"declares images {low}..{high} but holds {segment.frame_count} frames "
                         f"starting at image {first + 1} of the run (wrong frame count)",
-                        field=next(iter(segment.datasets)),
+                        field=next(iter(segment.datasets.values())).name,
                     )
             first += segment.frame_count
         self._frame_count = first
@@ -328,7 +350,8 @@ class SlabRunReader(RunReader):
             return None
         for path, flag in self._completion:
             try:
-                flag.refresh()
+                if flag.file.swmr_mode:
+                    flag.refresh()
                 if int(flag[()]) != 1:
                     return False
             except (OSError, ValueError, RuntimeError) as error:
@@ -374,7 +397,7 @@ class SlabRunReader(RunReader):
                 segment.path,
                 f"cannot be read or decoded ({error})",
                 frame=segment.first_frame + start,
-                field=name,
+                field=dataset.name,
             ) from error
 
     def _read_segment(self, segment: Segment, start: int, stop: int) -> np.ndarray:

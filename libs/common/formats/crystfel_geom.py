@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from libs.common.formats.base import MCSTAS_TO_LAB, PLANCK_EV_ANGSTROM, unit_vector
+from libs.common.formats.base import MCSTAS_TO_LAB, PLANCK_EV_ANGSTROM, common_size_check, describe, unit_vector
 from libs.common.formats.errors import FormatError
 from libs.common.geometry import Beam, Detector, GeometryError, Panel
 
@@ -381,11 +381,17 @@ def to_detector(geometry: CrystfelGeometry, resolve: ValueResolver = _no_locatio
                 )
             )
         except (GeometryError, ValidationError) as error:
-            raise FormatError(source, f"inconsistent panel geometry: {error}", field=panel.name) from error
+            raise FormatError(source, f"inconsistent panel geometry: {describe(error)}", field=panel.name) from error
+    common_size_check(
+        [panel.size for panel in geometry.panels],
+        [panel.name for panel in geometry.panels],
+        source,
+        [f"{panel.name}/max_fs" for panel in geometry.panels],
+    )
     try:
         return Detector(panels=panels)
     except (GeometryError, ValidationError) as error:
-        raise FormatError(source, f"inconsistent detector: {error}") from error
+        raise FormatError(source, f"inconsistent detector: {describe(error)}") from error
 
 
 def bad_region_mask(geometry: CrystfelGeometry, detector: Detector) -> np.ndarray:
@@ -497,4 +503,4 @@ def beam_from_geom(geometry: CrystfelGeometry, wavelength: float) -> Beam:
     try:
         return Beam(**arguments)
     except ValidationError as error:
-        raise FormatError(geometry.source, f"beam parameters out of range {arguments}: {error}") from error
+        raise FormatError(geometry.source, f"beam parameters out of range: {describe(error)}") from error

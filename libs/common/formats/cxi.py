@@ -264,16 +264,17 @@ def open_cxi_run(paths: list[Path], geometry_path: Path | None = None) -> SlabRu
                 )
             wavelength = PLANCK_EV_ANGSTROM / (float(np.mean(energy[()])) / _ELECTRONVOLT_J)
         beam = beam_from_geom(geometry, wavelength)
-        mask = _geometry_mask(geometry, sources, first.file, first.path, detector, has_frame_axis)
-        return SlabRunReader(
+        reader = SlabRunReader(  # checks every panel's place in the data before the mask is cut from it
             file_format="cxi",
             detector=detector,
             beam=beam,
-            mask=mask,
+            mask=np.ones(detector.frame_shape, dtype=bool),
             panel_sources=sources,
             segments=segments,
             completion=completion,
         )
+        reader.mask = _geometry_mask(geometry, sources, first.file, first.path, detector, has_frame_axis)
+        return reader
     except BaseException:
         for segment in segments:
             segment.file.close()

@@ -31,8 +31,10 @@ from libs.common.formats.base import (
     angle_scale_rad,
     as_text,
     checked_image,
+    common_size_check,
     create_hdf5,
     dataset_at,
+    describe,
     length_scale_mm,
     open_hdf5,
     relative_name,
@@ -496,7 +498,7 @@ def _module_panel(module: h5py.Group, path: Path) -> tuple[Panel, tuple[int | sl
             size=(n_fast, n_slow),
         )
     except (GeometryError, ValidationError) as error:
-        raise FormatError(path, f"inconsistent module geometry: {error}", field=name) from error
+        raise FormatError(path, f"inconsistent module geometry: {describe(error)}", field=name) from error
     return panel, tuple(index)
 
 
@@ -536,7 +538,7 @@ def _read_beam(entry: h5py.Group, instrument: h5py.Group, path: Path) -> Beam:
     try:
         return Beam(**arguments)
     except ValidationError as error:
-        raise FormatError(path, f"beam parameters out of range {arguments}: {error}", field=group.name) from error
+        raise FormatError(path, f"beam parameters out of range: {describe(error)}", field=group.name) from error
 
 
 def _read_mask(
@@ -564,7 +566,11 @@ def _read_mask(
     if combined is None:
         return np.ones(frame_shape, dtype=bool)
     good = (combined.astype(np.uint64) & 0xFFFF) == 0
-    return np.stack([good[source.index] for source in sources])
+    panels = [good[source.index] for source in sources]
+    if any(panel.shape != frame_shape[1:] for panel in panels):
+        # A module outside the data: the reader's own check names it, with the module and the data's shape.
+        return np.ones(frame_shape, dtype=bool)
+    return np.stack(panels)
 
 
 def _open_external(master_path: Path, link: h5py.ExternalLink) -> tuple[Path, h5py.File, h5py.Dataset]:
@@ -649,14 +655,21 @@ def _read_master(
         detector_group = detectors[0]
         panels = []
         sources = []
-        for module in _children_of_class(detector_group, "NXdetector_module"):
+        modules = _children_of_class(detector_group, "NXdetector_module")
+        for module in modules:
             panel, index = _module_panel(module, path)
             panels.append(panel)
             sources.append(PanelSource("data", index))
+        common_size_check(
+            [panel.size for panel in panels],
+            [panel.name for panel in panels],
+            path,
+            [f"{module.name}/data_size" for module in modules],
+        )
         try:
             detector = Detector(panels=panels)
         except (GeometryError, ValidationError) as error:
-            raise FormatError(path, f"inconsistent detector: {error}", field=detector_group.name) from error
+            raise FormatError(path, f"inconsistent detector: {describe(error)}", field=detector_group.name) from error
         beam = _read_beam(entry, instrument, path)
         segments = _data_segments(path, file, entry)
         frame_data_shape = tuple(segments[0].datasets["data"].shape[1:])
