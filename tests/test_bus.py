@@ -363,6 +363,42 @@ def test_dlq_list_replay_and_purge(settings: Settings, monkeypatch: pytest.Monke
             connection.channel().queue_delete(limited.name)
 
 
+def test_a_long_handler_does_not_starve_the_connection_heartbeat(settings: Settings) -> None:
+    """With a 1 s AMQP heartbeat the broker drops a silent connection after about 2 s; the handler takes 4 s."""
+    handled: list[int] = []
+
+    def slow(result: FrameResult) -> None:
+        time.sleep(4)  # stands in for heavy numpy work: the connection thread must keep beating meanwhile
+        handled.append(result.frame_index)
+
+    consumer = Consumer(Topology(settings).queue("merger.frames"), FrameResult, slow, settings=settings, heartbeat=1.0)
+    with running(consumer), Publisher(settings) as publisher:
+        publisher.publish(frame_result(0))
+        wait_until(lambda: handled == [0], 15, "the slow handler")
+        wait_until(lambda: queue_depth(settings, "merger.frames") == (0, 0), 5, "the ack")
+    assert consumer.reconnects == 0
+    assert consumer.metrics.snapshot()["messages_redelivered_total"] == 0
+
+
+def queue_depth(settings: Settings, name: str) -> tuple[int, int]:
+    """(ready, unacknowledged) messages of a queue, read from the broker."""
+    output = rabbitmqctl(
+        "list_queues",
+        "-p",
+        kombu.Connection(settings.amqp_url).virtual_host or "/",
+        "name",
+        "messages_ready",
+        "messages_unacknowledged",
+        "--no-table-headers",
+        "--quiet",
+    )
+    for line in output.splitlines():
+        parts = line.split()
+        if parts and parts[0] == Topology(settings).name(name):
+            return int(parts[1]), int(parts[2])
+    raise AssertionError(f"queue {name} not found on the broker")
+
+
 def test_bus_declare_is_idempotent_and_refuses_conflicting_queues(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:

@@ -704,6 +704,7 @@ class Consumer:
         self._done: Queue[tuple[int, Any, Outcome]] = Queue()
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_reader.setblocking(False)
+        self._wake_pending = False
         self._dead_letter_publisher: Publisher | None = None
         self._thread: threading.Thread | None = None
 
@@ -807,17 +808,25 @@ class Consumer:
                 return
 
     def _settle(self, generation: int) -> None:
+        # Outcomes arrive in delivery order (one worker), so a run of acks is sent as one ack with multiple=True.
+        self._wake_pending = False
+        last_ack: Any = None
         while True:
             try:
                 done_generation, message, outcome = self._done.get_nowait()
             except Empty:
-                return
+                break
             if done_generation != generation:
                 continue  # its connection is gone, so the broker has already put it back for redelivery
             if outcome is Outcome.ACK:
-                message.ack()
+                last_ack = message
             else:
+                if last_ack is not None:
+                    last_ack.ack(multiple=True)
+                    last_ack = None
                 message.requeue()
+        if last_ack is not None:
+            last_ack.ack(multiple=True)
 
     def _finish_in_flight(self, generation: int, timeout: float = 10.0) -> None:
         # Unstarted deliveries are dropped by the worker (stale generation) and requeued by the broker on close.
@@ -859,7 +868,9 @@ class Consumer:
                     log.error("consumer could not process a delivery", consumer=self.name, error=repr(error))
                     outcome = Outcome.REQUEUE
                 self._done.put((generation, message, outcome))
-                self._wake()
+                if not self._wake_pending:  # one wake-up per batch of outcomes, not one per message
+                    self._wake_pending = True
+                    self._wake()
         finally:
             if self._dead_letter_publisher is not None:
                 self._dead_letter_publisher.close()

@@ -1,0 +1,121 @@
+"""Bus figures: encoded size of a 500-reflection FrameResult and publish→consume throughput on the real broker.
+
+Run: ``python -m benchmarks bus`` (RabbitMQ and Redis must answer; settings from SFX_* variables).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+
+import numpy as np
+
+from libs.common.bus import Consumer, Publisher, Topology, connect, running
+from libs.common.messages import FrameResult, ReflectionTable
+from libs.common.settings import Settings, get_settings
+
+
+def frame_result(frame_index: int, reflections: int) -> FrameResult:
+    rng = np.random.default_rng(frame_index)
+    table = (
+        ReflectionTable.from_columns(
+            miller=rng.integers(-60, 60, size=(reflections, 3)),
+            intensity=rng.gamma(1.0, 200.0, size=reflections),
+            sigma=rng.uniform(5, 30, size=reflections),
+            partiality=rng.uniform(0, 1, size=reflections),
+        )
+        if reflections
+        else None
+    )
+    return FrameResult(
+        run_id="r0001",
+        trial="live",
+        frame_index=frame_index,
+        started_at=1000.0,
+        finished_at=1000.2,
+        rank=3,
+        spot_count=120,
+        hit=True,
+        indexed=table is not None,
+        A=((0.0126, 0.0003, -0.0001), (-0.0002, 0.0127, 0.0004), (0.0001, -0.0005, 0.0262)) if table else None,
+        cell=(79.1, 79.1, 38.0, 90.0, 90.0, 90.0) if table else None,
+        timings={"spotfind": 0.05, "index": 0.1, "integrate": 0.04},
+        reflections=table,
+    )
+
+
+def encoded_sizes() -> None:
+    result = frame_result(0, 500)
+    encoded = result.encode()
+    assert result.reflections is not None
+    as_lists = result.model_dump(mode="python")
+    table = result.reflections
+    as_lists["reflections"] = {
+        "miller": table.miller.tolist(),
+        "intensity": [float(v) for v in table.intensity],
+        "sigma": [float(v) for v in table.sigma],
+        "partiality": [float(v) for v in table.partiality],
+    }
+    raw_bytes = table.miller.nbytes + table.intensity.nbytes + table.sigma.nbytes + table.partiality.nbytes
+    print(f"FrameResult, 500 reflections: {len(encoded)} bytes encoded ({len(encoded) / 500:.1f} bytes/reflection)")
+    print(f"  raw column bytes {raw_bytes}; the same message with JSON number lists: {len(json.dumps(as_lists))} bytes")
+    print(f"FrameResult without reflections: {len(frame_result(0, 0).encode())} bytes")
+
+
+def throughput(settings: Settings, label: str, messages: list[FrameResult], batch: int) -> None:
+    """Publish ``messages`` in confirmed batches while one consumer takes them; time first publish → last ack."""
+    topology = Topology(settings)
+    done = threading.Event()
+    received = [0]
+
+    def handler(result: FrameResult) -> None:
+        received[0] += 1
+        if received[0] == len(messages):
+            done.set()
+
+    consumer = Consumer(topology.queue("merger.frames"), FrameResult, handler, settings=settings, name="bench")
+    with running(consumer), Publisher(settings, role="bench") as publisher:
+        started = time.perf_counter()
+        for start in range(0, len(messages), batch):
+            publisher.publish_many(messages[start : start + batch])
+        published = time.perf_counter()
+        if not done.wait(300):
+            raise RuntimeError(f"only {received[0]} of {len(messages)} messages arrived")
+        consumed = time.perf_counter()
+    count = len(messages)
+    print(
+        f"{label}: {count} messages, batches of {batch}: publish (confirmed) {count / (published - started):,.0f}/s, "
+        f"publish→consume {count / (consumed - started):,.0f} messages/s ({consumed - started:.2f} s)"
+    )
+
+
+def single_publish_rate(settings: Settings, count: int) -> None:
+    """One message per publish call: a confirm round trip each (the rate of code that cannot batch)."""
+    with Publisher(settings, role="bench") as publisher:
+        started = time.perf_counter()
+        for index in range(count):
+            publisher.publish(frame_result(index, 0))
+        elapsed = time.perf_counter() - started
+    print(f"publish one at a time (confirm each): {count / elapsed:,.0f} messages/s")
+
+
+def main() -> None:
+    encoded_sizes()
+    settings = get_settings().model_copy(update={"namespace": f"bench-{uuid.uuid4().hex[:8]}"})
+    with connect(settings, role="bench") as connection:
+        Topology(settings).declare(connection)
+    try:
+        small = [frame_result(i, 0) for i in range(20_000)]
+        throughput(settings, "small FrameResult", small, batch=500)
+        large = [frame_result(i, 500) for i in range(2_000)]
+        throughput(settings, "500-reflection FrameResult", large, batch=100)
+        single_publish_rate(settings, 2_000)
+    finally:
+        with connect(settings, role="bench") as connection:
+            Topology(settings).delete(connection)
+
+
+if __name__ == "__main__":
+    main()
