@@ -22,6 +22,7 @@ from libs.common.bus import (
     Delivery,
     HandlerCall,
     Publisher,
+    PublishError,
     Topology,
     connect,
     escape_word,
@@ -397,6 +398,16 @@ def queue_depth(settings: Settings, name: str) -> tuple[int, int]:
         if parts and parts[0] == Topology(settings).name(name):
             return int(parts[1]), int(parts[2])
     raise AssertionError(f"queue {name} not found on the broker")
+
+
+def test_a_publish_is_confirmed_or_raises(settings: Settings) -> None:
+    unreachable = settings.model_copy(update={"amqp_url": "amqp://guest:guest@127.0.0.1:1//"})
+    started = time.monotonic()
+    with pytest.raises(PublishError, match="not confirmed"), Publisher(unreachable, retry_seconds=1.0) as publisher:
+        publisher.publish(frame_result(0))
+    assert time.monotonic() - started < 10  # gave up after its retry budget, with backoff in between
+    with pytest.raises(PublishError, match="NOT_FOUND"), Publisher(settings) as publisher:
+        publisher.publish_raw(b"{}", "no-such-exchange", "x", {})  # not retried: waiting would not help
 
 
 def test_bus_declare_is_idempotent_and_refuses_conflicting_queues(

@@ -524,6 +524,7 @@ class Publisher:
                 content_type="application/json",
                 content_encoding="utf-8",
                 delivery_mode=2,
+                timeout=self.confirm_timeout,  # a broker that stops reading (resource alarm) cannot block us forever
             )
         self._wait_for_confirms(leave=0)
 
@@ -728,11 +729,15 @@ class Consumer:
         worker = threading.Thread(target=self._work_loop, name=f"handler-{self.name}", daemon=True)
         worker.start()
         backoff = Backoff()
+        # Connection loss, a consumer cancelled by the broker, or a channel error: a new connection and channel
+        # recover from all of them (a queue that cannot be declared raises BusError instead, and stops the consumer).
+        errors_of = kombu.Connection(self.settings.amqp_url)
+        recoverable = (OSError, *errors_of.connection_errors, *errors_of.channel_errors)
         try:
             while not self._stopping.is_set():
                 try:
                     self._consume(backoff)
-                except (OSError, *kombu.Connection(self.settings.amqp_url).connection_errors) as error:
+                except recoverable as error:
                     if self._stopping.is_set():
                         break
                     self.reconnects += 1
@@ -860,8 +865,8 @@ class Consumer:
                 if message is None:  # the stop marker of _finish_in_flight
                     self._done.put((generation, None, Outcome.ACK))
                     continue
-                if generation != self._generation and not self._stopping.is_set():
-                    continue  # delivered on a connection that has gone: the broker redelivers it
+                if generation != self._generation:
+                    continue  # delivered on a connection that has gone (or is closing): the broker redelivers it
                 try:
                     outcome = self._process(message)
                 except Exception as error:  # a bug here must not kill the worker: the message goes back instead

@@ -19,12 +19,12 @@ from libs.common.bus import (
     HEADER_ORIGINAL_ROUTING_KEY,
     HEADER_REPLAYED,
     HEADER_TYPE,
+    BusError,
     Publisher,
     PublishError,
     Topology,
     body_bytes,
     connect,
-    declare_topology,
 )
 from libs.common.settings import get_settings
 from libs.common.state import LiveState
@@ -90,17 +90,24 @@ def _broker(role: str) -> Iterator[kombu.Connection]:
 
 
 def run_declare(arguments: argparse.Namespace) -> int:
-    settings = get_settings()
-    with _broker("declare"):
-        pass  # a clear error when the broker is unreachable, before declaring
-    for name in declare_topology(settings):
+    with _broker("declare") as connection:
+        try:
+            declared = Topology(get_settings()).declare(connection)
+        except BusError as error:
+            raise CommandError(str(error)) from error
+    for name in declared:
         print(name)
     return 0
 
 
-def _dead_letter_count(channel: Any, queue_name: str) -> int:
-    _, message_count, _ = channel.queue_declare(queue_name, passive=True)
-    return int(message_count)
+def _dead_letter_count(connection: kombu.Connection, queue_name: str) -> tuple[Any, int]:
+    """A channel and the number of dead letters; a clear error when the topology was never declared."""
+    channel = connection.channel()
+    try:
+        _, message_count, _ = channel.queue_declare(queue_name, passive=True)
+    except connection.channel_errors as error:
+        raise CommandError(f"queue {queue_name} does not exist ({error}); run `sfx bus declare` first") from error
+    return channel, int(message_count)
 
 
 def _origin(message: Any) -> dict[str, str]:
@@ -122,8 +129,7 @@ def _origin(message: Any) -> dict[str, str]:
 def run_dlq_list(arguments: argparse.Namespace) -> int:
     queue_name = Topology(get_settings()).dead_letter_queue.name
     with _broker("dlq list") as connection:
-        channel = connection.channel()
-        total = _dead_letter_count(channel, queue_name)
+        channel, total = _dead_letter_count(connection, queue_name)
         print(f"{total} dead letter(s) in {queue_name}")
         # Messages are fetched unacknowledged and go back to the queue when the channel closes (the dead-letter queue
         # has no delivery limit, so looking never loses one).
@@ -148,8 +154,9 @@ def run_dlq_replay(arguments: argparse.Namespace) -> int:
     queue_name = Topology(settings).dead_letter_queue.name
     replayed = skipped = 0
     with _broker("dlq replay") as connection, Publisher(settings, role="dlq replay") as publisher:
-        channel = connection.channel()
-        total = _dead_letter_count(channel, queue_name)  # bounded: a message that dies again is not replayed twice
+        channel, total = _dead_letter_count(
+            connection, queue_name
+        )  # bounded: a message that dies again is not replayed twice
         for _ in range(total if arguments.limit is None else min(total, arguments.limit)):
             message = channel.basic_get(queue_name, no_ack=False)
             if message is None:
@@ -182,7 +189,8 @@ def run_dlq_replay(arguments: argparse.Namespace) -> int:
 def run_dlq_purge(arguments: argparse.Namespace) -> int:
     queue_name = Topology(get_settings()).dead_letter_queue.name
     with _broker("dlq purge") as connection:
-        purged = connection.channel().queue_purge(queue_name)
+        channel, _ = _dead_letter_count(connection, queue_name)
+        purged = channel.queue_purge(queue_name)
     print(f"purged {purged or 0} dead letter(s) from {queue_name}")
     return 0
 
