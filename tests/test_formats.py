@@ -210,9 +210,10 @@ def test_growing_swmr_file_is_read_while_another_process_writes_it(tmp_path: Pat
 # NXmx as other programs write it: general transformation chains, units, a 4-D data layout
 
 
-def write_foreign_nxmx(path: Path, frames: np.ndarray) -> Detector:
+def write_foreign_nxmx(path: Path, frames: np.ndarray, *, stacked: bool = False) -> Detector:
     """An NXmx file unlike our writer's: rotated detector, chained translations in m/um, offsets, relative depends_on,
-    data as (frames, module, slow, fast). Returns the geometry it means, in our lab frame, computed by hand."""
+    data as (frames, module, slow, fast), or, ``stacked``, as (frames, module·slow, fast) which dxtbx also reads.
+    Returns the geometry it means, in our lab frame, computed by hand."""
     n_frames, n_modules, n_slow, n_fast = frames.shape
     angle = np.deg2rad(25.0)
     rotation = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
@@ -244,8 +245,12 @@ def write_foreign_nxmx(path: Path, frames: np.ndarray) -> Detector:
         for number in range(n_modules):
             module = detector.create_group(f"ASIC{number}")
             module.attrs["NX_class"] = "NXdetector_module"
-            module["data_origin"] = np.array([number, 0, 0])
-            module["data_size"] = np.array([1, n_slow, n_fast])
+            if stacked:
+                module["data_origin"] = np.array([number * n_slow, 0])
+                module["data_size"] = np.array([n_slow, n_fast])
+            else:
+                module["data_origin"] = np.array([number, 0, 0])
+                module["data_size"] = np.array([1, n_slow, n_fast])
             offset_um = 500.0 * (number + 1)
             module_offset = module.create_dataset("module_offset", data=offset_um)
             module_offset.attrs.update(
@@ -282,15 +287,19 @@ def write_foreign_nxmx(path: Path, frames: np.ndarray) -> Detector:
             )
         mask = np.zeros((n_modules, n_slow, n_fast), dtype=np.uint32)
         mask[1, 0, :] = 1  # gap
-        mask[2, 3, 4] = 1 << 31  # virtual pixel: a flag, not a reason to reject
-        detector["pixel_mask"] = mask
+        if not stacked:  # dxtbx rejects any non-zero mask value; NeXus says only bits 0-15 are reasons to reject
+            mask[2, 3, 4] = 1 << 31  # virtual pixel: a flag, not a reason to reject
+        detector["pixel_mask"] = mask.reshape(n_modules * n_slow, n_fast) if stacked else mask
         sample = entry.create_group("sample")
         sample.attrs["NX_class"] = "NXsample"
         sample["depends_on"] = np.bytes_(".")
         data = entry.create_group("data")
         data.attrs["NX_class"] = "NXdata"
         data.attrs["signal"] = "data"
-        data.create_dataset("data", data=frames, chunks=(1, 1, n_slow, n_fast))
+        if stacked:
+            data.create_dataset("data", data=frames.reshape(n_frames, n_modules * n_slow, n_fast))
+        else:
+            data.create_dataset("data", data=frames, chunks=(1, 1, n_slow, n_fast))
     return Detector(panels=expected_panels)
 
 
