@@ -15,6 +15,8 @@ key                                  type     TTL                     content
 ``<ns>:job:<job>``                   string   state TTL               latest JobState (JSON)
 ``<ns>:merge:<dataset>:<trial>``     string   state TTL               latest MergeUpdate (JSON)
 ``<ns>:service:<name>:<instance>``   string   3 x heartbeat period    latest ServiceHeartbeat (JSON)
+``<ns>:job:<job>:ranks``             hash     state TTL, refreshed    rank -> JSON {host, pid, frames, failed, at}
+``<ns>:job:<job>:timeline``          list     state TTL, refreshed    JSON per frame: rank, frame, start, end, stages
 ===================================  =======  ======================  ===============================================
 
 "State TTL" is ``settings.state_ttl_seconds``. A bitmap rather than a set marks frames seen: frame indices are dense,
@@ -24,9 +26,10 @@ so a million frames cost 125 kB instead of tens of MB, and ``SETBIT`` returns th
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 import redis
@@ -97,6 +100,12 @@ class Keys:
 
     def merge(self, dataset_id: str, trial: str) -> str:
         return f"{self.namespace}:merge:{escape_word(dataset_id)}:{escape_word(trial)}"
+
+    def job_ranks(self, job_id: str) -> str:
+        return f"{self.job(job_id)}:ranks"
+
+    def job_timeline(self, job_id: str) -> str:
+        return f"{self.job(job_id)}:timeline"
 
     def service(self, service: str, instance: str) -> str:
         return f"{self.namespace}:service:{escape_word(service)}:{escape_word(instance)}"
@@ -212,6 +221,29 @@ class LiveState:
 
     def merge(self, dataset_id: str, trial: str) -> MergeUpdate | None:
         return self._load(self.keys.merge(dataset_id, trial), MergeUpdate)
+
+    # -- analysis ranks: heartbeats and per-frame timings (the data of weatherplots) -------------------------------
+
+    def record_rank(
+        self, job_id: str, rank: int, status: Mapping[str, Any], timeline: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Store a rank's latest status and append its per-frame timings, in one round trip."""
+        pipeline = self.redis.pipeline(transaction=False)
+        pipeline.hset(self.keys.job_ranks(job_id), str(rank), json.dumps(dict(status)))
+        pipeline.expire(self.keys.job_ranks(job_id), self.ttl)
+        if timeline:
+            pipeline.rpush(self.keys.job_timeline(job_id), *(json.dumps(dict(entry)) for entry in timeline))
+            pipeline.expire(self.keys.job_timeline(job_id), self.ttl)
+        pipeline.execute()
+
+    def rank_status(self, job_id: str) -> dict[int, dict[str, Any]]:
+        raw: dict[bytes, bytes] = self.redis.hgetall(self.keys.job_ranks(job_id))  # type: ignore[assignment]
+        return {int(rank): json.loads(value) for rank, value in raw.items()}
+
+    def timeline(self, job_id: str) -> list[dict[str, Any]]:
+        """Per-frame timings of a job: rank, frame, start, end and seconds per stage."""
+        raw: list[bytes] = self.redis.lrange(self.keys.job_timeline(job_id), 0, -1)  # type: ignore[assignment]
+        return [json.loads(entry) for entry in raw]
 
     # -- services --------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,227 @@
+"""One analysis job: ``mpiexec -n N python -m services.analysis --job SPEC.json``.
+
+Every rank opens the run, takes blocks of frames from a shared MPI counter (services.analysis.frame_queue), runs each
+frame through services.analysis.pipeline and publishes FrameResults in small batches. A frame that cannot be read or
+processed becomes a FrameResult with its error; the job goes on. For a live run a rank whose next frame is not
+written yet waits for it until the run is complete. Frames already counted under the job's trial (a job resumed after
+preemption) are skipped. Each rank keeps a status and its per-frame stage timings in Redis (the weatherplot data).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from libs.common.bus import Publisher
+from libs.common.formats import FormatError, RunReader, open_run
+from libs.common.logging import get_logger
+from libs.common.messages import FrameResult, JobSpec, decode_message
+from libs.common.parameters import AnalysisParameters, with_overrides
+from libs.common.settings import Settings
+from libs.common.state import LiveState
+from services.analysis.frame_queue import SharedFrameCounter
+from services.analysis.pipeline import AnalysisContext, get_context, process_frame
+
+log = get_logger(__name__)
+
+
+class JobError(RuntimeError):
+    """The job as a whole cannot run (bad spec, unreadable run, impossible parameters)."""
+
+
+@dataclass
+class JobConfig:
+    """How a rank behaves; the defaults suit a detector writing at 10–1000 Hz."""
+
+    block_size: int = 2
+    publish_batch: int = 8
+    publish_interval_seconds: float = 0.5
+    poll_seconds: float = 0.2
+    live_timeout_seconds: float = 600.0  # a live run that stops growing without completing for this long ends the job
+
+
+def load_spec(path: Path) -> JobSpec:
+    try:
+        return decode_message(path.read_bytes(), JobSpec)
+    except OSError as error:
+        raise JobError(f"cannot read job spec {path}: {error}") from error
+    except ValueError as error:
+        raise JobError(f"job spec {path} is invalid: {error}") from error
+
+
+def prepare(spec: JobSpec) -> tuple[AnalysisParameters, tuple[float, ...], str]:
+    """Validate what the job needs before touching any frame; JobError names the defect."""
+    manifest = spec.manifest
+    if manifest.cell is None or manifest.space_group is None:
+        raise JobError(f"run {manifest.run_id} has no known cell and space group; stills indexing needs both")
+    try:
+        parameters = with_overrides(AnalysisParameters(), spec.parameters)
+    except ValueError as error:
+        raise JobError(f"trial {spec.trial}: {error}") from error
+    return parameters, tuple(manifest.cell), manifest.space_group
+
+
+@dataclass
+class RankProgress:
+    frames: int = 0
+    failed: int = 0
+    skipped: int = 0
+    pending: list[FrameResult] = field(default_factory=list)
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    last_flush: float = field(default_factory=time.monotonic)
+
+
+class RankWorker:
+    """The loop of one rank."""
+
+    def __init__(self, spec: JobSpec, comm: Any, settings: Settings, config: JobConfig | None = None) -> None:
+        self.spec = spec
+        self.comm = comm
+        self.rank = int(comm.Get_rank())
+        self.settings = settings
+        self.config = config or JobConfig()
+        self.parameters, self.cell, self.space_group = prepare(spec)
+        self.state = LiveState(settings)
+        self.progress = RankProgress()
+        self.host = socket.gethostname()
+
+    def run(self) -> RankProgress:
+        manifest = self.spec.manifest
+        try:
+            reader = open_run([Path(name) for name in manifest.files], manifest.geometry)
+        except (FormatError, OSError) as error:
+            raise JobError(f"run {manifest.run_id}: {error}") from error
+        counter = SharedFrameCounter(self.comm, self.config.block_size)
+        publisher = Publisher(self.settings, role=f"analysis {self.spec.job_id} rank {self.rank}")
+        try:
+            with reader:
+                context = get_context(reader.detector, reader.beam, reader.mask, self.parameters)
+                self._loop(reader, context, counter, publisher)
+            self._flush(publisher, force=True)
+        finally:
+            publisher.close()
+            self.comm.Barrier()
+            counter.free()
+        return self.progress
+
+    def _loop(self, reader: RunReader, context: AnalysisContext, counter: SharedFrameCounter, publisher: Any) -> None:
+        while True:
+            for index in counter.take_block():
+                if not self._wait_for_frame(reader, index):
+                    return
+                if self.state.was_seen(self.spec.manifest.run_id, self.spec.trial, index):
+                    self.progress.skipped += 1
+                    continue
+                self.progress.pending.append(self._process(reader, context, index))
+                self._flush(publisher)
+
+    def _wait_for_frame(self, reader: RunReader, index: int) -> bool:
+        """True once frame ``index`` exists; False when the run is complete without it."""
+        if index < reader.frame_count:
+            return True
+        waited_since = time.monotonic()
+        last_count = reader.frame_count
+        while True:
+            count = reader.refresh()
+            if index < count:
+                return True
+            if self._run_complete(reader):
+                return index < reader.refresh()
+            if count != last_count:
+                waited_since, last_count = time.monotonic(), count
+            elif time.monotonic() - waited_since > self.config.live_timeout_seconds:
+                log.warning("live run stopped growing; ending", run_id=self.spec.manifest.run_id, frames=count)
+                return False
+            time.sleep(self.config.poll_seconds)
+
+    def _run_complete(self, reader: RunReader) -> bool:
+        """Complete when the file says so, or when ingest has marked the run no longer live."""
+        if not self.spec.manifest.live or reader.is_complete:
+            return True
+        latest = self.state.run(self.spec.manifest.run_id)
+        return latest is not None and not latest.live and latest.revision >= self.spec.manifest.revision
+
+    def _process(self, reader: RunReader, context: AnalysisContext, index: int) -> FrameResult:
+        manifest = self.spec.manifest
+        started = time.time()
+        try:
+            image = reader.read_frame(index)
+            read_seconds = time.time() - started
+            analysis = process_frame(
+                image,
+                reader.detector,
+                reader.beam,
+                reader.mask,
+                self.cell,
+                self.space_group,
+                self.parameters,
+                context=context,
+            )
+            result = analysis.to_frame_result(
+                manifest.run_id, self.spec.trial, index, started, time.time(), job_id=self.spec.job_id, rank=self.rank
+            )
+            result.timings["read"] = read_seconds
+        except Exception as error:  # one bad frame must not end the job: report it and go on
+            self.progress.failed += 1
+            log.warning("frame failed", frame_index=index, error=str(error))
+            result = FrameResult(
+                run_id=manifest.run_id,
+                trial=self.spec.trial,
+                frame_index=index,
+                job_id=self.spec.job_id,
+                started_at=started,
+                finished_at=time.time(),
+                rank=self.rank,
+                error=f"{type(error).__name__}: {error}",
+            )
+        self.progress.frames += 1
+        self.progress.timeline.append(
+            {
+                "rank": self.rank,
+                "frame": index,
+                "start": result.started_at,
+                "end": result.finished_at,
+                "stages": {name: round(seconds, 6) for name, seconds in result.timings.items()},
+                "hit": result.hit,
+                "indexed": result.indexed,
+                "failed": result.error is not None,
+            }
+        )
+        return result
+
+    def _flush(self, publisher: Any, force: bool = False) -> None:
+        progress = self.progress
+        due = time.monotonic() - progress.last_flush >= self.config.publish_interval_seconds
+        if not progress.pending and not force:
+            return
+        if not (force or due or len(progress.pending) >= self.config.publish_batch):
+            return
+        if progress.pending:
+            publisher.publish_many(progress.pending)
+        status = {
+            "host": self.host,
+            "pid": os.getpid(),
+            "frames": progress.frames,
+            "failed": progress.failed,
+            "skipped": progress.skipped,
+            "at": time.time(),
+        }
+        self.state.record_rank(self.spec.job_id, self.rank, status, progress.timeline)
+        progress.pending, progress.timeline = [], []
+        progress.last_flush = time.monotonic()
+
+
+def gather_totals(comm: Any, progress: RankProgress) -> dict[str, int]:
+    """Totals over all ranks (collective)."""
+    local = np.array([progress.frames, progress.failed, progress.skipped], dtype=np.int64)
+    totals = np.zeros_like(local)
+    from mpi4py import MPI
+
+    comm.Allreduce(local, totals, op=MPI.SUM)
+    return {"frames": int(totals[0]), "failed": int(totals[1]), "skipped": int(totals[2])}
