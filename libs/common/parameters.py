@@ -69,6 +69,10 @@ class IndexingParameters(_Stage):
         0.012, gt=0, lt=0.2, description="Relative tolerance matching a spot's |r| to a lattice vector's length"
     )
     angle_tolerance: float = Field(1.5, gt=0, lt=20, description="Degrees: tolerance matching an inter-spot angle")
+    max_pair_matches: int = Field(
+        20_000, ge=1, description="Skip a seed pair whose spots match more lattice-vector pairs than this"
+    )
+    max_candidates: int = Field(3_000, ge=1, description="Orientations scored before giving up on a frame")
     hkl_tolerance: float = Field(
         0.2, gt=0, lt=0.5, description="A spot is indexed when every fractional Miller index is this close to integer"
     )

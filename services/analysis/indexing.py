@@ -124,8 +124,9 @@ def index_known_cell(
     lengths = np.linalg.norm(r, axis=1)
     seeds = np.argsort(lengths)[: parameters.seed_spots]
     tolerance = parameters.length_tolerance
-    r_max = float(lengths[seeds].max()) * (1 + 2 * tolerance) + 1e-9
-    _, vectors, canonical = _reference_lattice(tuple(float(x) for x in cell), symbol, round(r_max, 4) + 1e-4)
+    # Rounded up to a coarse step so that frames of a run share the cached reference lattice.
+    r_max = np.ceil(float(lengths[seeds].max()) * (1 + 2 * tolerance) / 0.02) * 0.02
+    _, vectors, canonical = _reference_lattice(tuple(float(x) for x in cell), symbol, float(r_max))
     ref_lengths = np.linalg.norm(vectors, axis=1)
     cos_tolerance = np.radians(parameters.angle_tolerance)
 
@@ -134,10 +135,12 @@ def index_known_cell(
     # Pairs of widely separated directions define the orientation best; try those first.
     pairs.sort(key=lambda ij: -abs(np.sin(_angle(r[ij[0]], r[ij[1]]))))
     best: IndexingSolution | None = None
+    tried = 0
     for i, j in pairs[: parameters.max_seed_pairs]:
         first = np.flatnonzero(canonical & (np.abs(ref_lengths - lengths[i]) <= tolerance * lengths[i]))
         second = np.flatnonzero(np.abs(ref_lengths - lengths[j]) <= tolerance * lengths[j])
-        if first.size == 0 or second.size == 0:
+        # High-resolution seeds match too many lattice vectors to be informative (and cost quadratically).
+        if first.size == 0 or second.size == 0 or first.size * second.size > parameters.max_pair_matches:
             continue
         angle = _angle(r[i], r[j])
         if np.sin(angle) < 0.1:
@@ -152,12 +155,15 @@ def index_known_cell(
         observed = _frame(r[i], r[j])
         candidates = observed[None] @ np.transpose(model, (0, 2, 1))
         rotations.append(candidates)
+        tried += len(candidates)
+        if tried > parameters.max_candidates:
+            break
         if sum(len(c) for c in rotations) >= 64:
             found = _best_of(np.concatenate(rotations), B, r, parameters)
             rotations = []
             if found is not None and (best is None or found.count > best.count):
                 best = found
-            if best is not None and best.count >= max(parameters.min_indexed, 0.8 * len(r)):
+            if best is not None and best.count >= max(parameters.min_indexed, 0.7 * len(r)):
                 break
     if rotations:
         found = _best_of(np.concatenate(rotations), B, r, parameters)

@@ -156,8 +156,11 @@ def integrate(
         flat = base[:, None, None] + offsets[None, :, None] * n_fast + offsets[None, None, :]
         pixels = image.ravel()[flat].astype(np.float64)
         valid = mask.ravel()[flat]
-        position = np.searchsorted(strong_flat, flat)
-        strong = (position < strong_flat.size) & (strong_flat[np.minimum(position, strong_flat.size - 1)] == flat)
+        if strong_flat.size:
+            position = np.minimum(np.searchsorted(strong_flat, flat), strong_flat.size - 1)
+            strong = strong_flat[position] == flat
+        else:
+            strong = np.zeros(flat.shape, dtype=bool)
         # Offsets of each pixel centre from the predicted position (pixels).
         dx = (centre_fast[chosen] + 0.5 - predictions.fast[chosen])[:, None, None] + offsets[None, None, :]
         dy = (centre_slow[chosen] + 0.5 - predictions.slow[chosen])[:, None, None] + offsets[None, :, None]

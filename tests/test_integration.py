@@ -1,0 +1,125 @@
+"""Prediction and summation integration on frames drawn from known intensities (Gaussian spots, sloped background)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from libs.common.crystal import b_matrix, random_rotations
+from libs.common.geometry import Beam, single_panel_detector
+from libs.common.parameters import IntegrationParameters
+from services.analysis.integration import Flag, Predictions, integrate, predict
+from services.analysis.refinement import ExcitationWidth, excitation_error
+
+CELL = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)
+BEAM = Beam(wavelength=1.3)
+DETECTOR = single_panel_detector(n_fast=1024, n_slow=1024)
+WIDTH = ExcitationWidth(width_0=5e-4, mosaic=1e-3)
+
+
+def draw_frame(
+    predictions: Predictions, intensities: np.ndarray, rng: np.random.Generator, sigma: float = 0.8
+) -> np.ndarray:
+    """Poisson counts of Gaussian spots (pixel-integrated) on a background plane."""
+    shape = DETECTOR.frame_shape
+    slow, fast = np.mgrid[0 : shape[1], 0 : shape[2]]
+    expected = (2.0 + 1.5 * fast / shape[2] + 1.0 * slow / shape[1])[None].astype(float)
+    offsets = np.arange(-6, 7)
+    for k in range(len(predictions)):
+        cf, cs = int(np.floor(predictions.fast[k])), int(np.floor(predictions.slow[k]))
+        fs = np.clip(cf + offsets, 0, shape[2] - 1)
+        ss = np.clip(cs + offsets, 0, shape[1] - 1)
+        gx = np.exp(-0.5 * ((fs + 0.5 - predictions.fast[k]) / sigma) ** 2)
+        gy = np.exp(-0.5 * ((ss + 0.5 - predictions.slow[k]) / sigma) ** 2)
+        profile = np.outer(gy, gx)
+        expected[0][np.ix_(ss, fs)] += intensities[k] * profile / profile.sum()
+    return rng.poisson(expected).astype(np.int32)
+
+
+def setup(seed: int) -> tuple[Predictions, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    A = random_rotations(1, rng)[0] @ b_matrix(CELL)
+    predictions = predict(A, CELL, DETECTOR, BEAM, WIDTH, IntegrationParameters())
+    intensities = rng.exponential(300.0, len(predictions))
+    return predictions, intensities, draw_frame(predictions, intensities, rng)
+
+
+def test_predictions_lie_near_the_ewald_sphere_with_gaussian_partiality() -> None:
+    rng = np.random.default_rng(1)
+    A = random_rotations(1, rng)[0] @ b_matrix(CELL)
+    parameters = IntegrationParameters()
+    predictions = predict(A, CELL, DETECTOR, BEAM, WIDTH, parameters)
+    assert len(predictions) > 50
+    r = predictions.miller @ A.T
+    epsilon = excitation_error(r, BEAM.s0)
+    sigma = WIDTH.sigma(np.linalg.norm(r, axis=1))
+    assert np.allclose(epsilon, predictions.excitation_error)
+    assert np.all(np.abs(epsilon) <= parameters.excitation_width_factor * sigma + 1e-12)
+    assert np.allclose(predictions.partiality, np.exp(-0.5 * (epsilon / sigma) ** 2))
+    assert np.all((predictions.fast >= 0) & (predictions.fast < 1024))
+    # The direction of each prediction is the Ewald-projected s1: its d-spacing is that of h.
+    lab = DETECTOR.pixel_to_lab(predictions.panel, predictions.fast, predictions.slow)
+    from libs.common.geometry import d_spacing_of_lab_points
+
+    assert np.allclose(d_spacing_of_lab_points(lab, BEAM.wavelength), predictions.d_spacing, rtol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_summation_recovers_intensities_with_honest_sigmas(seed: int) -> None:
+    predictions, intensities, image = setup(seed)
+    mask = np.ones(image.shape, dtype=bool)
+    result = integrate(image, mask, np.zeros(0, dtype=np.int64), predictions, IntegrationParameters())
+    ok = result.integrated
+    assert ok.sum() > 0.8 * len(predictions)
+    # Spots close to each other share pixels; compare isolated ones only.
+    xy = np.column_stack([predictions.fast, predictions.slow])
+    separation = np.linalg.norm(xy[:, None] - xy[None], axis=2) + np.eye(len(xy)) * 1e9
+    isolated = ok & (separation.min(axis=1) > 16)
+    assert isolated.sum() > 30
+    sigma = np.sqrt(result.variance[isolated])
+    pulls = (result.intensity[isolated] - intensities[isolated]) / sigma
+    # Almost all of a σ = 0.8 px Gaussian lies within the 3 px foreground: small bias, unit-width pulls.
+    assert abs(float(np.median(pulls))) < 0.5
+    assert 0.7 < float(np.std(pulls)) < 1.4
+    assert np.corrcoef(result.intensity[isolated], intensities[isolated])[0, 1] > 0.98
+
+
+def test_masked_overloaded_and_edge_reflections_are_flagged_not_reported() -> None:
+    predictions, _, image = setup(4)
+    mask = np.ones(image.shape, dtype=bool)
+    inside = np.flatnonzero(
+        (predictions.fast > 20) & (predictions.fast < 1000) & (predictions.slow > 20) & (predictions.slow < 1000)
+    )
+    masked, overloaded = inside[0], inside[1]
+    mask[0, int(predictions.slow[masked]), int(predictions.fast[masked])] = False
+    image[0, int(predictions.slow[overloaded]), int(predictions.fast[overloaded])] = 70_000
+    parameters = IntegrationParameters(overload=65_000)
+    result = integrate(image, mask, np.zeros(0, dtype=np.int64), predictions, parameters)
+    assert result.flags[masked] & Flag.MASKED
+    assert result.flags[overloaded] & Flag.OVERLOADED
+    assert not result.integrated[masked] and not result.integrated[overloaded]
+    edge = (predictions.fast < 7) | (predictions.fast > 1024 - 8) | (predictions.slow < 7) | (predictions.slow > 1016)
+    assert np.all(result.flags[edge] & Flag.OFF_PANEL)
+
+
+def test_strong_pixels_of_a_neighbour_stay_out_of_the_background() -> None:
+    predictions, _, image = setup(5)
+    k = int(np.flatnonzero((predictions.fast > 30) & (predictions.fast < 990) & (predictions.slow > 30))[0])
+    one = Predictions(
+        miller=predictions.miller[k : k + 1],
+        panel=predictions.panel[k : k + 1],
+        fast=predictions.fast[k : k + 1],
+        slow=predictions.slow[k : k + 1],
+        partiality=predictions.partiality[k : k + 1],
+        d_spacing=predictions.d_spacing[k : k + 1],
+        excitation_error=predictions.excitation_error[k : k + 1],
+    )
+    mask = np.ones(image.shape, dtype=bool)
+    clean = integrate(image, mask, np.zeros(0, dtype=np.int64), one, IntegrationParameters())
+    # A bright neighbour in the background ring, marked strong as spotfinding would.
+    row, column = int(one.slow[0]) + 5, int(one.fast[0]) + 2
+    image[0, row : row + 2, column : column + 2] += 500
+    flat = np.sort(np.ravel_multi_index(([0] * 4, [row, row, row + 1, row + 1], [column, column + 1] * 2), image.shape))
+    marked = integrate(image, mask, flat, one, IntegrationParameters())
+    assert marked.intensity[0] == pytest.approx(clean.intensity[0], abs=3 * np.sqrt(clean.variance[0]))
+    assert marked.background[0] == pytest.approx(clean.background[0], abs=0.5)
