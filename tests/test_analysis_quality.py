@@ -81,7 +81,7 @@ def true_i_over_sigma(truth: Any) -> np.ndarray:
 
 
 def centre_valid(mask: np.ndarray, truth: Any) -> np.ndarray:
-    n_panels, n_slow, n_fast = mask.shape
+    _, n_slow, n_fast = mask.shape
     keep = np.ones(len(truth.miller), dtype=bool)
     for d_fast, d_slow in ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2)):
         fast = np.floor(truth.fast).astype(int) + d_fast

@@ -170,7 +170,7 @@ def test_parameter_overrides_are_validated_and_unknown_names_are_named() -> None
         with_overrides(base, {"spotfinding.sigma_strongest": 4.0})
     with pytest.raises(ParameterError, match="unknown parameter 'spotfinder"):
         with_overrides(base, {"spotfinder.gain": 2})
-    with pytest.raises(ParameterError, match="spotfinding.gain"):
+    with pytest.raises(ParameterError, match=r"spotfinding\.gain"):
         with_overrides(base, {"spotfinding.gain": -1})
     with pytest.raises(ParameterError, match="min_spot_size"):
         with_overrides(base, {"spotfinding.min_spot_size": 50, "spotfinding.max_spot_size": 10})
