@@ -77,7 +77,7 @@ def true_i_over_sigma(truth: Any) -> np.ndarray:
     determinant = np.linalg.det(truth.profile_covariance + np.eye(2)[None] / 12.0)
     area = np.maximum(4.0, np.round(np.pi * 9.0 * np.sqrt(determinant)))
     expected = truth.expected_counts
-    return expected / np.sqrt(expected + area * truth.background_per_pixel)  # type: ignore[no-any-return]
+    return expected / np.sqrt(expected + area * truth.background_per_pixel)  # type: ignore[no-any-return,unused-ignore]
 
 
 def centre_valid(mask: np.ndarray, truth: Any) -> np.ndarray:
@@ -143,6 +143,7 @@ def evaluate(config: SimulationConfig, n_frames: int) -> Figures:
                 figures.wrong_lattice += 1
                 continue
             figures.misorientations.append(angle)
+            assert truth.cell is not None
             true_cell = np.array(truth.cell[:3])
             figures.cell_errors.append(float(np.max(np.abs(np.array(analysis.cell[:3]) / true_cell - 1))))
             _collect_intensities(analysis, truth, operator, i_over_sigma, experiment.mask, figures)

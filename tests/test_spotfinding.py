@@ -50,10 +50,9 @@ def small_detector_frame(seed: int, gain: float = 1.0) -> tuple[np.ndarray, np.n
     rng = np.random.default_rng(seed)
     image = rng.poisson(1.5, (2, 40, 48)).astype(np.int32)
     for _ in range(12):
-        panel, s, f = rng.integers(0, 2), rng.integers(0, 40), rng.integers(0, 48)
-        image[panel, max(s - 1, 0) : s + 2, max(f - 1, 0) : f + 2] += rng.poisson(25, (3, 3))[
-            : min(s + 2, 40) - max(s - 1, 0), : min(f + 2, 48) - max(f - 1, 0)
-        ]
+        panel, s, f = (int(v) for v in (rng.integers(0, 2), rng.integers(0, 40), rng.integers(0, 48)))
+        block = image[panel, max(s - 1, 0) : s + 2, max(f - 1, 0) : f + 2]
+        block += rng.poisson(25, block.shape).astype(np.int32)
     image = np.rint(image * gain).astype(np.int32)
     mask = rng.random(image.shape) > 0.03
     mask[:, :, 20] = False  # a dead column
