@@ -30,6 +30,14 @@ class Settings(BaseSettings):
     )
     landing_dirs: list[Path] = Field(default_factory=list, description="Directories the ingest service watches")
     work_dir: Path = Field(Path("/tmp/sfx-live"), description="Where services write outputs and checkpoints")
+    merge_update_seconds: float = Field(2.0, gt=0, description="Period of the merger's MergeUpdate messages")
+    analysis_ranks: int = Field(
+        2, ge=1, le=100_000, description="MPI ranks of one analysis job (first-form dispatcher)"
+    )
+    ingest_poll_seconds: float = Field(1.0, gt=0, description="Period of the landing-directory scan")
+    ingest_quiet_seconds: float = Field(
+        5.0, gt=0, description="A file that has not changed for this long is complete (when it does not say so)"
+    )
     log_format: str = Field("auto", pattern="^(auto|json|console)$", description="auto: colour on a terminal")
     log_level: str = Field("info", description="debug, info, warning or error")
 

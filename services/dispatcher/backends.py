@@ -59,6 +59,10 @@ class Backend(Protocol):
         """Stop a job (no error when it already ended)."""
         ...
 
+    def forget(self, job_id: str) -> None:
+        """Leave an ended job out of future polls."""
+        ...
+
 
 class LocalMpiBackend:
     """Runs each job as ``mpiexec -n RANKS python -m services.analysis --job SPEC`` in its own process group."""

@@ -1,0 +1,86 @@
+"""The shell every long-running service shares: logging, heartbeat, consumers, periodic work, clean stop.
+
+A service is consumers (bus queues with handlers) plus periodic tasks; :func:`run_service` starts them, beats, and
+stops them in order on SIGTERM or SIGINT (acks of finished work are sent, unfinished deliveries go back to the
+broker), so that a service can be restarted at any moment without losing or double-counting anything.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from libs.common.bus import Consumer, declare_topology
+from libs.common.heartbeat import Heartbeat
+from libs.common.logging import configure_logging, get_logger
+from libs.common.settings import Settings, get_settings
+
+log = get_logger(__name__)
+
+
+@dataclass
+class PeriodicTask:
+    """``action`` every ``period_seconds`` in its own thread; an exception is logged and the task goes on."""
+
+    name: str
+    period_seconds: float
+    action: Callable[[], None]
+
+
+def _run_periodic(task: PeriodicTask, stopping: threading.Event) -> None:
+    while not stopping.wait(task.period_seconds):
+        try:
+            task.action()
+        except Exception as error:
+            log.exception("periodic task failed", task=task.name, error=repr(error))
+
+
+def run_service(
+    name: str,
+    consumers: Sequence[Consumer] = (),
+    tasks: Sequence[PeriodicTask] = (),
+    *,
+    settings: Settings | None = None,
+    details: Callable[[], dict[str, Any]] | None = None,
+    on_stop: Callable[[], None] | None = None,
+    stopping: threading.Event | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT (or ``stopping`` is set); returns the exit status."""
+    settings = settings or get_settings()
+    stopping = stopping or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stopping.set())
+    declare_topology(settings)
+    threads = [
+        threading.Thread(target=_run_periodic, args=(task, stopping), name=task.name, daemon=True) for task in tasks
+    ]
+    with Heartbeat(name, settings=settings, details=details):
+        for consumer in consumers:
+            consumer.start()
+        for thread in threads:
+            thread.start()
+        log.info("service running", consumers=[c.name for c in consumers], tasks=[t.name for t in tasks])
+        while not stopping.wait(0.5):
+            failed = [c for c in consumers if c.error is not None]
+            if failed:
+                log.error("consumer failed; stopping", consumer=failed[0].name, error=repr(failed[0].error))
+                stopping.set()
+        log.info("service stopping")
+        for consumer in consumers:
+            consumer.stop()
+        for thread in threads:
+            thread.join(timeout=10)
+        if on_stop is not None:
+            on_stop()
+    return 0 if not any(c.error for c in consumers) else 1
+
+
+def start_logging(name: str, settings: Settings | None = None) -> Settings:
+    """Configure logging for a service process; returns its settings."""
+    settings = settings or get_settings()
+    configure_logging(name, settings.log_format, settings.log_level)
+    return settings

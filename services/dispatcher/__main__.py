@@ -1,0 +1,26 @@
+"""``python -m services.dispatcher``: the dispatcher service (see services.dispatcher.service)."""
+
+from __future__ import annotations
+
+import sys
+
+from libs.common.service import PeriodicTask, run_service, start_logging
+from services.dispatcher.backends import LocalMpiBackend
+from services.dispatcher.service import Dispatcher, make_consumer
+
+
+def main() -> int:
+    settings = start_logging("dispatcher")
+    dispatcher = Dispatcher(settings, LocalMpiBackend(settings.work_dir))
+    return run_service(
+        "dispatcher",
+        [make_consumer(dispatcher, settings)],
+        [PeriodicTask("poll-backend", 1.0, dispatcher.poll)],
+        settings=settings,
+        details=dispatcher.details,
+        on_stop=dispatcher.stop,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

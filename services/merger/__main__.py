@@ -1,0 +1,25 @@
+"""``python -m services.merger``: the merger service (see services.merger.service)."""
+
+from __future__ import annotations
+
+import sys
+
+from libs.common.service import PeriodicTask, run_service, start_logging
+from services.merger.service import Merger, make_consumer
+
+
+def main() -> int:
+    settings = start_logging("merger")
+    merger = Merger(settings)
+    return run_service(
+        "merger",
+        [make_consumer(merger, settings)],
+        [PeriodicTask("merge-updates", settings.merge_update_seconds, merger.tick)],
+        settings=settings,
+        details=merger.details,
+        on_stop=merger.stop,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

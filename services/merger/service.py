@@ -1,0 +1,259 @@
+"""The merger service: FrameResults in, MergeUpdates and MTZ files out.
+
+Runs are grouped into datasets by sample, space group, cell and trial. Durability: every accepted FrameResult is
+appended to its dataset's journal (``<work_dir>/merger/<dataset>/<trial>/results.jsonl``) before the message is
+acked; on start the journals are replayed, so a restart neither loses nor double-counts a frame (a redelivered
+result whose key is in the journal is acked and dropped). The engine is fed in batches by the periodic task, which
+also publishes a MergeUpdate every few seconds. When a job reports that a run is done and every frame of it has
+arrived, the dataset is finalised: the engine is rebuilt from the journal in (run, frame) order and fully re-scaled,
+so the final MTZ depends only on which frames were merged, never on their arrival order or on restarts.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from libs.common.bus import Consumer, Publisher, Topology
+from libs.common.logging import get_logger
+from libs.common.messages import FrameResult, JobState, JobStatus, MergeUpdate, RunManifest, decode_message
+from libs.common.settings import Settings
+from libs.common.state import LiveState
+from services.merger.engine import MergingEngine
+from services.merger.mtz import write_merge_outputs
+
+log = get_logger(__name__)
+
+FrameKey = tuple[str, str, int]
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
+
+
+class MergerError(RuntimeError):
+    """A result the merger cannot place (e.g. its run was never announced)."""
+
+
+def dataset_id_for(manifest: RunManifest) -> str:
+    """Runs of the same sample, space group and cell (to 0.1 Å / 0.1°) merge into one dataset."""
+    assert manifest.cell is not None and manifest.space_group is not None
+    cell = "_".join(f"{value:.1f}" for value in manifest.cell)
+    group = manifest.space_group.replace(" ", "")
+    sample = manifest.sample or "sample"
+    return _UNSAFE.sub("-", f"{sample}_{group}_{cell}")
+
+
+@dataclass
+class Dataset:
+    """One dataset under one trial: its journal, its engine and what is still waiting to be merged."""
+
+    dataset_id: str
+    trial: str
+    cell: tuple[float, ...]
+    space_group: str
+    folder: Path
+    engine: MergingEngine
+    keys: set[FrameKey] = field(default_factory=set)
+    pending: list[FrameResult] = field(default_factory=list)
+    frames_by_run: dict[str, int] = field(default_factory=dict)
+    runs_done: dict[str, int] = field(default_factory=dict)  # run -> frames the finished job covered
+    runs_final: set[str] = field(default_factory=set)
+    changed: bool = True
+    mtz_path: Path | None = None
+
+    @property
+    def journal(self) -> Path:
+        return self.folder / "results.jsonl"
+
+
+class Merger:
+    """Handlers and periodic work of the merger service (thread-safe: one lock guards all datasets)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state = LiveState(settings)
+        self.root = settings.work_dir / "merger"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.datasets: dict[tuple[str, str], Dataset] = {}
+        self.run_dataset: dict[tuple[str, str], tuple[str, str]] = {}
+        self._manifests: dict[str, RunManifest] = {}
+        self._lock = threading.Lock()
+        self._publisher: Publisher | None = None
+        self.restore()
+
+    # -- restart ---------------------------------------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Rebuild every dataset from its journal."""
+        for journal in sorted(self.root.glob("*/*/results.jsonl")):
+            header = journal.parent / "dataset.json"
+            if not header.exists():
+                continue
+            manifest = decode_message(header.read_bytes(), RunManifest)
+            dataset = self._dataset_for(manifest, journal.parent.name)
+            results = self._read_journal(journal)
+            for result in results:
+                self._remember(dataset, result)
+            dataset.pending.extend(results)
+            log.info("dataset restored", dataset=dataset.dataset_id, trial=dataset.trial, frames=len(results))
+
+    @staticmethod
+    def _read_journal(journal: Path) -> list[FrameResult]:
+        results = []
+        with journal.open("rb") as lines:
+            for number, line in enumerate(lines, 1):
+                try:
+                    results.append(decode_message(line, FrameResult))
+                except ValueError as error:
+                    # Only the last line can be torn (a crash mid-write); anything else is worth a loud warning.
+                    log.warning("journal line skipped", journal=str(journal), line=number, error=str(error))
+        return results
+
+    # -- consuming -------------------------------------------------------------------------------------------------
+
+    def handle(self, message: FrameResult | JobState) -> None:
+        if isinstance(message, FrameResult):
+            self.handle_result(message)
+        else:
+            self.handle_job_state(message)
+
+    def handle_result(self, result: FrameResult) -> None:
+        manifest = self._manifest(result.run_id)
+        # Count before journalling: a crash in between is healed by the redelivery (journalled then, counted once).
+        self.state.count_frame_result(result)
+        with self._lock:
+            dataset = self._dataset_for(manifest, result.trial)
+            self.run_dataset[(result.run_id, result.trial)] = (dataset.dataset_id, dataset.trial)
+            if result.key in dataset.keys:
+                return  # a redelivery: already journalled and counted
+            with dataset.journal.open("ab") as journal:
+                journal.write(result.encode() + b"\n")
+            self._remember(dataset, result)
+            dataset.pending.append(result)
+
+    def handle_job_state(self, job: JobState) -> None:
+        if job.status is not JobStatus.SUCCEEDED or job.frames_total is None:
+            return
+        manifest = self._manifest(job.run_id)
+        with self._lock:
+            dataset = self._dataset_for(manifest, job.trial)
+            dataset.runs_done[job.run_id] = job.frames_total
+            dataset.runs_final.discard(job.run_id)
+
+    def _remember(self, dataset: Dataset, result: FrameResult) -> None:
+        dataset.keys.add(result.key)
+        dataset.frames_by_run[result.run_id] = dataset.frames_by_run.get(result.run_id, 0) + 1
+        dataset.changed = True
+
+    def _manifest(self, run_id: str) -> RunManifest:
+        manifest = self._manifests.get(run_id)
+        if manifest is None:
+            manifest = self.state.run(run_id)
+            if manifest is None:
+                raise MergerError(f"run {run_id} has no manifest in the live state; cannot tell its dataset")
+            if manifest.cell is None or manifest.space_group is None:
+                raise MergerError(f"run {run_id} has no cell and space group; cannot merge it")
+            self._manifests[run_id] = manifest
+        return manifest
+
+    def _dataset_for(self, manifest: RunManifest, trial: str) -> Dataset:
+        dataset_id = dataset_id_for(manifest)
+        dataset = self.datasets.get((dataset_id, trial))
+        if dataset is None:
+            assert manifest.cell is not None and manifest.space_group is not None
+            folder = self.root / dataset_id / trial
+            folder.mkdir(parents=True, exist_ok=True)
+            header = folder / "dataset.json"
+            if not header.exists():
+                header.write_bytes(manifest.encode())
+            dataset = Dataset(
+                dataset_id=dataset_id,
+                trial=trial,
+                cell=tuple(manifest.cell),
+                space_group=manifest.space_group,
+                folder=folder,
+                engine=MergingEngine(manifest.cell, manifest.space_group),
+            )
+            self.datasets[(dataset_id, trial)] = dataset
+        return dataset
+
+    # -- periodic work ---------------------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Merge what arrived, publish updates, finalise datasets whose runs are complete."""
+        updates: list[MergeUpdate] = []
+        with self._lock:
+            for dataset in self.datasets.values():
+                if dataset.pending:
+                    dataset.engine.add_frames(dataset.pending)
+                    dataset.pending = []
+                complete = [
+                    run
+                    for run, total in dataset.runs_done.items()
+                    if run not in dataset.runs_final and dataset.frames_by_run.get(run, 0) >= total
+                ]
+                if complete:
+                    updates.append(self._finalise(dataset, complete))
+                elif dataset.changed:
+                    updates.append(dataset.engine.merge_update(dataset.dataset_id, dataset.trial))
+                dataset.changed = False
+        for update in updates:
+            self.state.save_merge(update)
+            self.publisher.publish(update)
+
+    def _finalise(self, dataset: Dataset, runs: list[str]) -> MergeUpdate:
+        """Rebuild the dataset's merge from its journal in a fixed order, fully re-scale, write the MTZ files."""
+        started = time.monotonic()
+        results = sorted(self._read_journal(dataset.journal), key=lambda r: (r.run_id, r.frame_index))
+        engine = MergingEngine(dataset.cell, dataset.space_group)
+        engine.add_frames(results)
+        engine.rescale()
+        dataset.engine = engine
+        merged = dataset.folder / f"{dataset.dataset_id}_{dataset.trial}.mtz"
+        unmerged = dataset.folder / f"{dataset.dataset_id}_{dataset.trial}_unmerged.mtz"
+        count = write_merge_outputs(engine, merged, unmerged)
+        dataset.runs_final.update(runs)
+        dataset.mtz_path = merged
+        final = all(run in dataset.runs_final for run in dataset.frames_by_run)
+        log.info(
+            "dataset written",
+            dataset=dataset.dataset_id,
+            trial=dataset.trial,
+            runs=runs,
+            frames=engine.frames_merged,
+            reflections=count,
+            mtz=str(merged),
+            seconds=round(time.monotonic() - started, 2),
+        )
+        return engine.merge_update(dataset.dataset_id, dataset.trial, mtz_path=str(merged), final=final)
+
+    @property
+    def publisher(self) -> Publisher:
+        if self._publisher is None:
+            self._publisher = Publisher(self.settings, role="merger updates")
+        return self._publisher
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "datasets": len(self.datasets),
+            "frames": sum(len(d.keys) for d in self.datasets.values()),
+        }
+
+    def stop(self) -> None:
+        """Merge and publish what arrived before the stop, then close the publisher."""
+        self.tick()
+        if self._publisher is not None:
+            self._publisher.close()
+
+
+def make_consumer(merger: Merger, settings: Settings) -> Consumer:
+    topology = Topology(settings)
+    return Consumer(
+        topology.queue("merger.frames"),
+        (FrameResult, JobState),
+        merger.handle,
+        settings=settings,
+        name="merger",
+    )
