@@ -142,6 +142,48 @@ def test_nxmx_data_in_external_linked_files(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("file_format", ["nxmx", "cxi"])
+def test_a_run_spread_over_several_files_reads_in_order(tmp_path: Path, file_format: str) -> None:
+    detector = small_multipanel_detector()
+    frames = synthetic_frames(detector, 5)
+    paths = [
+        write_run(tmp_path / f"r0042-c0{n}.{file_format}", file_format, detector, part)
+        for n, part in enumerate((frames[:2], frames[2:3], frames[3:]))
+    ]
+    geometry = tmp_path / "r0042-c00.geom" if file_format == "cxi" else None
+    with open_run(paths, geometry=geometry) as reader:
+        assert reader.frame_count == 5 and reader.paths == paths and reader.is_complete
+        np.testing.assert_array_equal(reader.read_frames(0, 5), frames)
+        np.testing.assert_array_equal(reader.read_frame(3), frames[3])
+    if file_format == "nxmx":
+        other = write_run(
+            tmp_path / "other.h5", "nxmx", jungfrau4m_detector(), synthetic_frames(jungfrau4m_detector(), 1)
+        )
+        with pytest.raises(FormatError, match=r"other\.h5: /entry/instrument/detector: geometry differs"):
+            open_run([*paths, other])
+
+
+def test_nxmx_data_as_virtual_dataset_or_single_external_link(tmp_path: Path) -> None:
+    detector = small_multipanel_detector()
+    frames = synthetic_frames(detector, 4)
+    master = write_run(tmp_path / "vds.h5", "nxmx", detector, frames, frames_per_data_file=3)
+    with h5py.File(master, "r+") as file:  # as DLS-style writers leave it: only the virtual dataset
+        del file["/entry/data/data_000001"], file["/entry/data/data_000002"]
+    with open_run(master) as reader:
+        assert reader.paths == [master]
+        np.testing.assert_array_equal(reader.read_frames(0, 4), frames)
+    single = write_run(tmp_path / "one.h5", "nxmx", detector, frames, frames_per_data_file=4)
+    with h5py.File(single, "r+") as file:  # the NXdata signal itself an external link
+        del file["/entry/data/data"], file["/entry/data/data_000001"]
+        file["/entry/data/data"] = h5py.ExternalLink("one_data_000001.h5", "/entry/data/data")
+    with open_run(single) as reader:
+        assert reader.paths == [tmp_path / "one_data_000001.h5"]
+        np.testing.assert_array_equal(reader.read_frames(0, 4), frames)
+    (tmp_path / "vds_data_000002.h5").unlink()
+    with pytest.raises(FormatError, match=r"vds\.h5: /entry/data/data: virtual dataset source file vds_data_000002"):
+        open_run(master)
+
+
+@pytest.mark.parametrize("file_format", ["nxmx", "cxi"])
 def test_bitshuffle_lz4_compressed_runs(tmp_path: Path, file_format: str) -> None:
     detector = jungfrau4m_detector()
     frames = synthetic_frames(detector, 2)

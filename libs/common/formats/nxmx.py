@@ -573,10 +573,10 @@ def _read_mask(
     return np.stack(panels)
 
 
-def _open_external(master_path: Path, link: h5py.ExternalLink) -> tuple[Path, h5py.File, h5py.Dataset]:
+def _open_external(master_path: Path, link: h5py.ExternalLink, name: str) -> tuple[Path, h5py.File, h5py.Dataset]:
     target = resolve_link_path(master_path, link.filename)
     if not target.exists():
-        raise FormatError(master_path, f"links to data file {link.filename}, which does not exist", field=link.path)
+        raise FormatError(master_path, f"links to data file {link.filename}, which does not exist", field=name)
     file = open_hdf5(target)
     return target, file, dataset_at(file, link.path, target, purpose="linked from the master")
 
@@ -606,7 +606,7 @@ def _data_segments(master_path: Path, file: h5py.File, entry: h5py.Group) -> lis
         for name in linked:
             link = group.get(name, getlink=True)
             if isinstance(link, h5py.ExternalLink):
-                target, data_file, dataset = _open_external(master_path, link)
+                target, data_file, dataset = _open_external(master_path, link, f"{group.name}/{name}")
             else:
                 target, data_file, dataset = master_path, file, dataset_at(file, f"{group.name}/{name}", master_path)
             segments.append(_segment(target, data_file, dataset))
@@ -616,7 +616,7 @@ def _data_segments(master_path: Path, file: h5py.File, entry: h5py.Group) -> lis
     if link is None:
         raise FormatError(master_path, "dataset is missing (the NXdata signal)", field=name)
     if isinstance(link, h5py.ExternalLink):
-        target, data_file, dataset = _open_external(master_path, link)
+        target, data_file, dataset = _open_external(master_path, link, name)
         return [_segment(target, data_file, dataset)]
     dataset = dataset_at(file, name, master_path)
     if dataset.is_virtual:
