@@ -22,6 +22,7 @@ FrameResult      results         ``frame.<run>.<trial>``
 MergeUpdate      results         ``merge.<dataset>.<trial>``
 ReprocessRequest control         ``reprocess.<trial>``
 ServiceHeartbeat control         ``heartbeat.<service>.<instance>``
+FileRejected     control         ``rejected.<run>``
 ===============  ==============  ============================================
 
 so a subscriber selects by kind, run and trial with topic patterns (``frame.r0042.*``, ``job.*.*.*.failed``, ``#``).
@@ -61,6 +62,7 @@ import structlog
 
 from libs.common.logging import get_logger
 from libs.common.messages import (
+    FileRejected,
     FrameResult,
     JobSpec,
     JobState,
@@ -95,6 +97,7 @@ EXCHANGE_OF_TYPE: dict[str, str] = {
     MergeUpdate.type_name: "results",
     ReprocessRequest.type_name: "control",
     ServiceHeartbeat.type_name: "control",
+    FileRejected.type_name: "control",
 }
 """Which exchange carries each message type."""
 
@@ -175,6 +178,11 @@ def heartbeat_key(service: str, instance: str) -> str:
     return _join("heartbeat", service, instance)
 
 
+def rejected_file_key(run_id: str) -> str:
+    """Routing key of a FileRejected: ``rejected.<run>``."""
+    return _join("rejected", run_id)
+
+
 def routing_key_for(message: Message) -> str:
     """The routing key of a message under the scheme of this module."""
     if isinstance(message, RunManifest):
@@ -191,6 +199,8 @@ def routing_key_for(message: Message) -> str:
         return reprocess_key(message.trial)
     if isinstance(message, ServiceHeartbeat):
         return heartbeat_key(message.service, message.instance)
+    if isinstance(message, FileRejected):
+        return rejected_file_key(message.run_id)
     raise BusError(f"no routing key is defined for message type {type(message).__name__}")
 
 
@@ -212,7 +222,7 @@ class QueueSpec:
 SERVICE_QUEUES: tuple[QueueSpec, ...] = (
     QueueSpec("dispatcher.runs", "runs", ("manifest.#",), "run manifests, for the dispatcher"),
     QueueSpec("dispatcher.control", "control", ("reprocess.#",), "operators' reprocess requests, for the dispatcher"),
-    QueueSpec("merger.frames", "results", ("frame.#",), "frame results, for the merger"),
+    QueueSpec("merger.frames", "results", ("frame.#", "job.#"), "frame results and job states, for the merger"),
 )
 """Every durable queue of the system. A new consumer service adds its queue here, nowhere else."""
 
@@ -791,9 +801,9 @@ class Consumer:
                 if self._wake_reader in readable:
                     with contextlib.suppress(BlockingIOError):
                         self._wake_reader.recv(65536)
-                self._settle(generation)
                 if amqp_socket in readable:
-                    self._drain(connection)
+                    self._drain(connection, amqp_socket)
+                self._settle(generation)
                 connection.heartbeat_check()
             with contextlib.suppress(Exception):
                 consumer.cancel()
@@ -804,12 +814,15 @@ class Consumer:
                 connection.release()
 
     @staticmethod
-    def _drain(connection: kombu.Connection) -> None:
-        # Read every complete frame already on the socket (a short timeout: py-amqp keeps a partial frame buffered).
+    def _drain(connection: kombu.Connection, amqp_socket: socket.socket) -> None:
+        # Read the frames already on the socket, and stop as soon as it is empty instead of waiting for a timeout.
+        # (py-amqp reads exact frame sizes and keeps a partial frame buffered, so select() sees what is left.)
         for _ in range(256):
             try:
                 connection.drain_events(timeout=0.001)
             except TimeoutError:
+                return
+            if not select.select([amqp_socket], [], [], 0)[0]:
                 return
 
     def _settle(self, generation: int) -> None:
