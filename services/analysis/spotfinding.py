@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -113,10 +114,8 @@ class SpotFinder:
         self._padded = np.zeros((n_panels, n_slow + 2 * self.k, n_fast + 2 * self.k), dtype=np.float32)
         self._mask_f32 = mask.astype(np.float32)
         self._count = self._valid_count(self._mask_f32)
-        window = np.arange(-self.k, self.k + 1)
-        row_stride = n_fast + 2 * self.k
-        # Flat offsets of a window's pixels in the padded buffer, relative to its centre.
-        self._window_offsets = (window[:, None] * row_stride + window[None, :]).ravel()
+        # Every pixel's window as a view of the padded buffer: [panel, slow, fast] is the window centred there.
+        self._windows = sliding_window_view(self._padded, (self.window, self.window), axis=(1, 2))
 
     def _valid_count(self, valid: np.ndarray) -> np.ndarray:
         count = self._box_sum(valid.astype(np.float32))
@@ -141,13 +140,11 @@ class SpotFinder:
             raise SpotfindingError(f"image has shape {image.shape}, the detector's frames have {self.shape}")
         p, k = self.parameters, self.k
         mask_f, count = self._mask_f32, self._count
-        overloaded = image >= p.overload
-        if overloaded.any():
+        if image.max() >= p.overload:
             # Saturated pixels leave every window they belong to, exactly like masked ones.
-            mask_f = (self.mask & ~overloaded).astype(np.float32)
+            mask_f = (self.mask & (image < p.overload)).astype(np.float32)
             count = self._valid_count(mask_f)
-        data = image.astype(np.float32)
-        data *= mask_f
+        data = np.multiply(image, mask_f, dtype=np.float32)
         sums = self._box_sum(data)
         gain = self.gain_map if self.gain_map is not None else np.float32(p.gain)
         # Strength, I - S/m > σ_s·sqrt(gain·S/m), rearranged without division: (m·I - S)² > σ_s²·gain·S·m with
@@ -171,9 +168,8 @@ class SpotFinder:
         # Dispersion only where the pixel is strong enough: window sums of squares gathered at the candidates.
         self._padded[:, k:-k, k:-k] = data
         panel, slow, fast = np.unravel_index(flat, self.shape)
-        padded_centre = np.ravel_multi_index((panel, slow + k, fast + k), self._padded.shape)
-        window_values = self._padded.ravel()[padded_centre[:, None] + self._window_offsets[None, :]]
-        sum_sq = np.einsum("ij,ij->i", window_values, window_values, dtype=np.float64)
+        window_values = self._windows[panel, slow, fast]  # (n, 2k+1, 2k+1) gathered from a strided view
+        sum_sq = np.einsum("ijk,ijk->i", window_values, window_values, dtype=np.float64)
         m = m_c.astype(np.float64)
         s = sums_c.astype(np.float64)
         g = gain.ravel()[flat] if isinstance(gain, np.ndarray) else float(gain)
