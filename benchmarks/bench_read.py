@@ -1,8 +1,9 @@
 """Reading and writing speed of runs of 4-Mpixel frames: NXmx uncompressed and bitshuffle-LZ4, and CXI.
 
 Writes 50 Jungfrau-4M-like int32 frames (Poisson background of ~0.2 photons, a few hundred spots) into
-/tmp/sfx-bench-read, then reads them back one frame at a time and in chunks of 10. The files were just written, so
-reads come from the page cache: the figures are the decode/assembly cost, not the disk's.
+/tmp/sfx-bench-read, then reads them back one frame at a time and in chunks of 10 (fresh arrays, or ``out=`` one
+reused buffer). The files were just written, so reads come from the page cache: the figures are the decode and
+assembly cost, not the disk's. Each read figure is the best of 3 passes (the machine is shared).
 
 Run: ``python -m benchmarks read`` (optionally SFX_BENCH_READ_FRAMES=N).
 """
@@ -55,14 +56,18 @@ def _write(path: Path, file_format: str, compression: str, detector: Detector, f
     return len(frames) / (time.perf_counter() - start)
 
 
-def _read(path: Path, frames: np.ndarray, chunk: int, repeats: int = 3) -> float:
+def _read(path: Path, frames: np.ndarray, chunk: int, *, reuse: bool = False, repeats: int = 3) -> float:
     """Best of ``repeats`` passes over the run (the machine is shared: the best pass is the least disturbed)."""
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
+        buffer: np.ndarray | None = None
         with open_run(path) as reader:
             for first in range(0, reader.frame_count, chunk):
-                block = reader.read_frames(first, min(first + chunk, reader.frame_count))
+                stop = min(first + chunk, reader.frame_count)
+                if reuse and (buffer is None or len(buffer) != stop - first):
+                    buffer = np.empty((stop - first, *reader.detector.frame_shape), dtype=np.int32)
+                block = reader.read_frames(first, stop, out=buffer)
                 if first == 0 and not np.array_equal(block[0], frames[0]):
                     raise AssertionError(f"{path}: frame 0 read back differs from what was written")
         best = min(best, time.perf_counter() - start)
@@ -87,10 +92,11 @@ def main() -> None:
             size_mb = path.stat().st_size / 1e6
             one = _read(path, frames, 1)
             ten = _read(path, frames, 10)
+            ten_reused = _read(path, frames, 10, reuse=True)
             print(
                 f"{file_format:4s} {compression:15s} write {write_rate:7.1f} frames/s | "
                 f"read one at a time {one:7.1f} frames/s ({one * megapixels:6.0f} Mpixel/s) | "
-                f"chunks of 10 {ten:7.1f} frames/s | file {size_mb:7.1f} MB "
+                f"chunks of 10 {ten:7.1f} frames/s, into one reused buffer {ten_reused:7.1f} | file {size_mb:6.1f} MB "
                 f"({frames.nbytes / 1e6 / size_mb:4.1f}× smaller than raw)",
                 flush=True,
             )

@@ -154,7 +154,14 @@ def test_a_run_spread_over_several_files_reads_in_order(tmp_path: Path, file_for
         assert reader.frame_count == 5 and reader.paths == paths and reader.is_complete
         np.testing.assert_array_equal(reader.read_frames(0, 5), frames)
         np.testing.assert_array_equal(reader.read_frame(3), frames[3])
+        buffer = np.full((4, *detector.frame_shape), -1, dtype=np.int32)
+        assert reader.read_frames(1, 5, out=buffer) is buffer  # across the three files, into the caller's buffer
+        np.testing.assert_array_equal(buffer, frames[1:])
+        with pytest.raises(ValueError, match="out must be a C-contiguous array of shape"):
+            reader.read_frames(0, 2, out=buffer)
     if file_format == "nxmx":
+        with pytest.raises(FormatError, match=r"x\.geom: a geometry file applies to CXI runs only"):
+            open_run(paths, geometry=tmp_path / "x.geom")
         other = write_run(
             tmp_path / "other.h5", "nxmx", jungfrau4m_detector(), synthetic_frames(jungfrau4m_detector(), 1)
         )

@@ -90,7 +90,7 @@ def open_run(paths: str | Path | list[str | Path] | list[Path], geometry: str | 
 
         return open_cxi_run(files, Path(geometry) if geometry is not None else None)
     if geometry is not None:
-        raise ValueError("a geometry file applies to CXI runs only; NXmx files carry their geometry")
+        raise FormatError(geometry, "a geometry file applies to CXI runs only; NXmx files carry their geometry")
     from libs.common.formats.nxmx import open_nxmx_run
 
     return open_nxmx_run(files)

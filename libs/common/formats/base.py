@@ -194,8 +194,12 @@ class RunReader(ABC):
         """True once the writer closed the run, False while it writes, None if the files do not say."""
 
     @abstractmethod
-    def read_frames(self, start: int, stop: int) -> np.ndarray:
-        """Frames start..stop-1 as an array (stop - start, n_panels, n_slow, n_fast)."""
+    def read_frames(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Frames start..stop-1 as an array (stop - start, n_panels, n_slow, n_fast).
+
+        ``out``: a C-contiguous array of that shape to read into (reusing one buffer saves the page faults of a
+        fresh large allocation per chunk); it is returned.
+        """
 
     @abstractmethod
     def refresh(self) -> int:
@@ -364,32 +368,42 @@ class SlabRunReader(RunReader):
 
     # -- reading --------------------------------------------------------------------------------------------------
 
-    def read_frames(self, start: int, stop: int) -> np.ndarray:
+    def read_frames(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         if self._closed:
             raise ValueError("reader is closed")
         if not 0 <= start <= stop <= self._frame_count:
             raise IndexError(f"frames {start}..{stop} outside the run's {self._frame_count} readable frames")
-        pieces = []
+        shape = (stop - start, *self.detector.frame_shape)
+        if out is None:
+            out = np.empty(shape, dtype=self._dtype())
+        elif out.shape != shape or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous array of shape {shape}, got {out.shape}")
         for segment in self._segments:
             low = max(start, segment.first_frame)
             high = min(stop, segment.first_frame + segment.frame_count)
             if low < high:
-                pieces.append(self._read_segment(segment, low - segment.first_frame, high - segment.first_frame))
-        if not pieces:
-            return np.empty((0, *self.detector.frame_shape), dtype=self._dtype())
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+                self._read_segment(
+                    segment, low - segment.first_frame, high - segment.first_frame, out[low - start : high - start]
+                )
+        return out
 
     def _dtype(self) -> np.dtype[Any]:
         segment = self._segments[0]
         return segment.datasets[self._panel_sources[0].dataset].dtype
 
-    def _read_block(self, segment: Segment, name: str, start: int, stop: int) -> np.ndarray:
+    def _read_block(
+        self, segment: Segment, name: str, start: int, stop: int, into: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Frames start..stop-1 of one dataset of a segment (into ``into`` when given, shaped like the data)."""
         dataset = segment.datasets[name]
         try:
-            if segment.has_frame_axis:
-                return np.asarray(dataset[start:stop])
-            return np.asarray(dataset[()])[None]
-        except (OSError, ValueError, RuntimeError, KeyError) as error:
+            if not segment.has_frame_axis:
+                return np.asarray(dataset[()])[None]
+            if into is not None:
+                dataset.read_direct(into, np.s_[start:stop])
+                return into
+            return np.asarray(dataset[start:stop])
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
             if stop - start > 1:  # find the first frame that fails, so the message names it
                 for frame in range(start, stop):
                     self._read_block(segment, name, frame, frame + 1)
@@ -400,18 +414,19 @@ class SlabRunReader(RunReader):
                 field=dataset.name,
             ) from error
 
-    def _read_segment(self, segment: Segment, start: int, stop: int) -> np.ndarray:
+    def _read_segment(self, segment: Segment, start: int, stop: int, out: np.ndarray) -> None:
         count = stop - start
-        if self._stacked:
-            block = self._read_block(segment, self._panel_sources[0].dataset, start, stop)
-            return block.reshape(count, *self.detector.frame_shape)
+        if self._stacked and segment.has_frame_axis:
+            n_panels, n_slow, n_fast = self.detector.frame_shape
+            self._read_block(
+                segment, self._panel_sources[0].dataset, start, stop, out.reshape(count, n_panels * n_slow, n_fast)
+            )
+            return
         blocks: dict[str, np.ndarray] = {}
-        frames = np.empty((count, *self.detector.frame_shape), dtype=self._dtype())
         for number, source in enumerate(self._panel_sources):
             if source.dataset not in blocks:
                 blocks[source.dataset] = self._read_block(segment, source.dataset, start, stop)
-            frames[:, number] = blocks[source.dataset][(slice(None), *source.index)]
-        return frames
+            out[:, number] = blocks[source.dataset][(slice(None), *source.index)]
 
     def close(self) -> None:
         if self._closed:
