@@ -50,14 +50,17 @@ def resolution_normalised(values: np.ndarray, inv_d2: np.ndarray, n_bins: int = 
 
 
 def mode_correlations(
-    frame: np.ndarray, n_frames: int, values: np.ndarray, references: np.ndarray
+    frame: np.ndarray, n_frames: int, values: np.ndarray, references: np.ndarray, weight: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """CC (n_frames, k) of each frame's values with ``references`` (per observation and mode, NaN = unknown)."""
+    """CC (n_frames, k) of each frame's values with ``references`` (per observation and mode, NaN = unknown).
+
+    ``weight`` is the squared partiality: a full intensity estimated from a sliver of a reflection is noisy.
+    """
     k = references.shape[1]
     cc = np.full((n_frames, k), np.nan)
     pairs = np.zeros((n_frames, k), dtype=int)
     for mode in range(k):
-        cc[:, mode], pairs[:, mode] = grouped_correlation(frame, values, references[:, mode], n_frames)
+        cc[:, mode], pairs[:, mode] = grouped_correlation(frame, values, references[:, mode], n_frames, weight)
     return cc, pairs
 
 
@@ -103,6 +106,7 @@ def resolve_sequentially(
     n_reflections: int,
     initial_modes: np.ndarray,
     rng: np.random.Generator,
+    weight: np.ndarray,
     max_sweeps: int = 30,
 ) -> np.ndarray:
     """Assign each frame (observations starts[i]:stops[i]) the mode agreeing best with the merge of the others."""
@@ -130,10 +134,9 @@ def resolve_sequentially(
                 if seen.sum() < 3:
                     continue
                 y = total[asu[seen]] / n[seen]
-                xs = x[seen]
-                if np.std(xs) == 0 or np.std(y) == 0:
+                cc = _weighted_correlation(x[seen], y, weight[part][seen])
+                if not np.isfinite(cc):
                     continue
-                cc = float(np.corrcoef(xs, y)[0, 1])
                 if cc > best_cc + 1e-12:
                     best_mode, best_cc = mode, cc
             if best_mode != modes[f]:
@@ -145,3 +148,14 @@ def resolve_sequentially(
         if changed == 0:
             break
     return modes
+
+
+def _weighted_correlation(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+    sw = w.sum()
+    if sw <= 0:
+        return float("nan")
+    mx, my = (w * x).sum() / sw, (w * y).sum() / sw
+    sxx, syy = (w * (x - mx) ** 2).sum(), (w * (y - my) ** 2).sum()
+    if sxx <= 0 or syy <= 0:
+        return float("nan")
+    return float((w * (x - mx) * (y - my)).sum() / np.sqrt(sxx * syy))

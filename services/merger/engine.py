@@ -59,6 +59,7 @@ class MergingParameters(BaseModel):
     min_frame_cc_pairs: int = Field(8, ge=3, description="Pairs needed before a frame's CC is judged")
     outlier_z: float = Field(6.0, gt=0, description="Observations this many sigmas from the others are rejected")
     error_model: bool = True
+    error_model_fit_sdb: bool = Field(False, description="Refine SDB too (it trades off against SDFAC)")
     resolve_ambiguity: bool = Field(True, description="Resolve indexing ambiguity when the lattice allows it")
     ambiguity_margin: float = Field(0.05, ge=0, description="CC lead that counts a frame's mode as resolved")
     bootstrap_frames: int = Field(100, ge=2, description="Frames merged unscaled before the first full scaling")
@@ -339,7 +340,7 @@ class MergingEngine:
             values = self._normalised_values(batch["intensity"] / batch["partiality"], batch["asu"][:, 0])
             reference_values = self._normalised_reference(reference)
             references = np.where(batch["asu"] >= 0, reference_values[np.maximum(batch["asu"], 0)], np.nan)
-            cc, _ = mode_correlations(local, n_new, values, references)
+            cc, _ = mode_correlations(local, n_new, values, references, batch["partiality"].astype(float) ** 2)
             modes, clear = choose_modes(cc, np.zeros(n_new, dtype=int), p.ambiguity_margin)
             frames["mode"][first_frame:] = modes
             frames["resolved"][first_frame:] = clear
@@ -365,7 +366,7 @@ class MergingEngine:
         known_mean = np.where(np.isfinite(reference[asu]), reference[asu], intensity)
         sigma = self.error_model.inflate(batch["sigma"] / correction, known_mean)
         cc, pairs = self._frame_correlations(
-            local, n_new, batch["intensity"] / batch["partiality"], reference[asu], inv_d2
+            local, n_new, batch["intensity"] / batch["partiality"], reference[asu], inv_d2, batch["partiality"] ** 2
         )
         frames["cc"][first_frame:] = cc
         bad = ~np.isfinite(fit.scale) | self._poorly_correlated(cc, pairs)
@@ -388,7 +389,12 @@ class MergingEngine:
 
     @staticmethod
     def _frame_correlations(
-        frame: np.ndarray, n_frames: int, values: np.ndarray, reference: np.ndarray, inv_d2: np.ndarray
+        frame: np.ndarray,
+        n_frames: int,
+        values: np.ndarray,
+        reference: np.ndarray,
+        inv_d2: np.ndarray,
+        weight: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
         """CC of each frame with the merge after dividing both by the mean intensity at each resolution.
 
@@ -400,7 +406,7 @@ class MergingEngine:
         normalised_reference = np.full(values.size, np.nan)
         normalised_values[known] = resolution_normalised(values[known], inv_d2[known])
         normalised_reference[known] = resolution_normalised(reference[known], inv_d2[known])
-        return grouped_correlation(frame, normalised_values, normalised_reference, n_frames)
+        return grouped_correlation(frame, normalised_values, normalised_reference, n_frames, weight)
 
     def _normalised_values(self, values: np.ndarray, asu: np.ndarray) -> np.ndarray:
         return resolution_normalised(values, self.mapper.inv_d2[asu])
@@ -478,20 +484,26 @@ class MergingEngine:
                 others = np.where(
                     others_w > 0, (sums.sum_w[asu] * reference[asu] - weight * scaled_before) / others_w, np.nan
                 )
-            cc, pairs = self._frame_correlations(frame, n_frames, intensity / partiality, others, inv_d2)
+            cc, pairs = self._frame_correlations(frame, n_frames, intensity / partiality, others, inv_d2, partiality**2)
             active = np.isfinite(fit.scale) & ~self._poorly_correlated(cc, pairs)
             frames["cc"] = cc
             if iteration >= 1:
+                # Outliers with the current error model first, then the model from what is left (twice), so
+                # that neither a few wild observations inflate the model nor an inflated model hides them.
                 use = active[frame]
                 base_sigma = raw_sigma / correction
-                if p.error_model:
-                    error_model = fit_error_model(asu[use], scaled[use], base_sigma[use], self.mapper.size)
-                mean_now = self._mean_by_reflection(asu[use], scaled[use])
-                inflated = error_model.inflate(base_sigma, mean_now[asu])
-                outlier = np.zeros(frame.size, dtype=bool)
-                outlier[use] = outlier_observations(
-                    asu[use], scaled[use], inflated[use], self.mapper.size, z_max=p.outlier_z
-                )
+                for _ in range(2):
+                    mean_now = self._mean_by_reflection(asu[use & ~outlier], scaled[use & ~outlier])
+                    inflated = error_model.inflate(base_sigma, mean_now[asu])
+                    outlier = np.zeros(frame.size, dtype=bool)
+                    outlier[use] = outlier_observations(
+                        asu[use], scaled[use], inflated[use], self.mapper.size, z_max=p.outlier_z
+                    )
+                    if p.error_model:
+                        kept = use & ~outlier
+                        error_model = fit_error_model(
+                            asu[kept], scaled[kept], base_sigma[kept], self.mapper.size, fit_sdb=p.error_model_fit_sdb
+                        )
         frames["scale"], frames["b"], frames["active"] = scale, b_factor, active
         columns["outlier"][:] = outlier
         self.error_model = error_model
@@ -519,6 +531,7 @@ class MergingEngine:
         scale = np.where(np.isfinite(scale), scale, 1.0)
         raw = columns["intensity"] / columns["partiality"] / scale[frame]
         values = self._normalised_values(raw, columns["asu"][:, 0])
+        weight = columns["partiality"].astype(float) ** 2
         if not self._scaled_once:
             count = min(n_frames, max(p.bootstrap_frames, 200))
             stop = int(frames["stop"][count - 1])
@@ -531,10 +544,11 @@ class MergingEngine:
                 self.mapper.size,
                 frames["mode"][:count],
                 rng,
+                weight[:stop],
             )
         for _ in range(3):
             references = references_by_mode(values, columns["asu"], frames["mode"][frame], self.mapper.size)
-            cc, _ = mode_correlations(frame, n_frames, values, references)
+            cc, _ = mode_correlations(frame, n_frames, values, references, weight)
             modes, clear = choose_modes(cc, frames["mode"].astype(int), p.ambiguity_margin)
             changed = int((modes != frames["mode"]).sum())
             frames["mode"] = modes.astype(np.int8)

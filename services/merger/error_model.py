@@ -38,8 +38,13 @@ def fit_error_model(
     min_multiplicity: int = 3,
     n_bins: int = 20,
     clip_deviation: float = 8.0,
+    fit_sdb: bool = False,
 ) -> ErrorModel:
-    """Fit the model to scaled observations (``asu_index`` per observation); identity when data are too few."""
+    """Fit the model to scaled observations (``asu_index`` per observation); identity when data are too few.
+
+    SDB stays 0 unless ``fit_sdb``: with counting statistics σ² is itself nearly proportional to I, so SDFAC and
+    SDB trade off against each other and the pair is poorly determined.
+    """
     count = np.bincount(asu_index, minlength=n_reflections).astype(float)
     total = np.bincount(asu_index, weights=intensity, minlength=n_reflections)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -54,7 +59,9 @@ def fit_error_model(
     # A single wild observation must not set the scale of a whole bin.
     ceiling = clip_deviation**2 * (sigma2 + (0.3 * mean_i) ** 2 + np.median(sigma2))
     deviation2 = np.minimum(deviation2, ceiling)
-    edges = np.unique(np.quantile(mean_i, np.linspace(0, 1, n_bins + 1)))
+    # Equal-count bins, split finer among the strongest reflections, where the SDADD term lives.
+    levels = np.concatenate([np.linspace(0.0, 0.9, n_bins // 2 + 1), 1.0 - 0.1 * 0.5 ** np.arange(1, n_bins // 2)])
+    edges = np.unique(np.quantile(mean_i, np.append(np.sort(levels), 1.0)))
     bins = np.clip(np.searchsorted(edges, mean_i, side="right") - 1, 0, max(edges.size - 2, 0))
     n_groups = max(edges.size - 1, 1)
     size = np.bincount(bins, minlength=n_groups).astype(float)
@@ -71,8 +78,9 @@ def fit_error_model(
     if observed.size < 3 or not np.all(observed > 0):
         return ErrorModel()
     # Relative residuals: each bin counts the same whatever its intensity.
-    solution, _ = nnls(design / observed[:, None], np.ones_like(observed))
-    a, c, d = solution
+    columns = [0, 1, 2] if fit_sdb else [0, 2]
+    solution, _ = nnls(design[:, columns] / observed[:, None], np.ones_like(observed))
+    a, c, d = (solution[0], solution[1], solution[2]) if fit_sdb else (solution[0], 0.0, solution[1])
     if a <= 0:
         return ErrorModel()
     return ErrorModel(sdfac=float(np.sqrt(a)), sdb=float(np.sqrt(c / a)), sdadd=float(np.sqrt(d / a)))
