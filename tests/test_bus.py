@@ -410,6 +410,28 @@ def test_a_publish_is_confirmed_or_raises(settings: Settings) -> None:
         publisher.publish_raw(b"{}", "no-such-exchange", "x", {})  # not retried: waiting would not help
 
 
+def test_threads_may_share_a_publisher(settings: Settings) -> None:
+    received: list[int] = []
+    consumer = Consumer(
+        Topology(settings).queue("merger.frames"),
+        FrameResult,
+        lambda result: received.append(result.frame_index),
+        settings=settings,
+    )
+    with running(consumer), Publisher(settings) as shared:
+        threads = [
+            threading.Thread(target=lambda t=t: [shared.publish(frame_result(t * 100 + i)) for i in range(100)])
+            for t in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        wait_until(lambda: len(received) >= 400, 15, "400 results")
+    assert sorted(received) == list(range(400))
+    assert shared.published_total == 400
+
+
 def test_bus_declare_is_idempotent_and_refuses_conflicting_queues(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:

@@ -393,7 +393,8 @@ class Outgoing:
 class Publisher:
     """Publishes with confirms on its own connection; reconnects and republishes what was not confirmed.
 
-    Not thread-safe: give each thread its own publisher. kombu's ``confirm_publish`` transport option would wait one
+    Threads may share a publisher: calls are serialised by a lock (one connection carries one publish at a time;
+    give a busy thread its own publisher for throughput). kombu's ``confirm_publish`` transport option would wait one
     round trip per message; this class selects confirm mode itself and waits once per window of messages, which
     gives the same guarantee at a fraction of the latency for batches.
     """
@@ -415,6 +416,7 @@ class Publisher:
         self.window = window
         self.reconnects = 0
         self.published_total = 0
+        self._lock = threading.RLock()
         self._connection: kombu.Connection | None = None
         self._producer: kombu.Producer | None = None
         self._next_tag = 1
@@ -448,6 +450,10 @@ class Publisher:
 
     def publish_outgoing(self, outgoing: Sequence[Outgoing]) -> None:
         """Publish prepared messages; returns when every one is confirmed, raises PublishError when out of time."""
+        with self._lock:
+            self._publish_locked(outgoing)
+
+    def _publish_locked(self, outgoing: Sequence[Outgoing]) -> None:
         pending = list(outgoing)
         self._confirmed = set()
         deadline = time.monotonic() + self.retry_seconds
@@ -479,7 +485,8 @@ class Publisher:
         self.published_total += len(outgoing)
 
     def close(self) -> None:
-        self._drop_connection()
+        with self._lock:
+            self._drop_connection()
 
     def __enter__(self) -> Publisher:
         return self
