@@ -292,6 +292,18 @@ class ServiceHeartbeat(Message):
 
 M = TypeVar("M", bound=Message)
 
+
+class FileRejected(Message):
+    """Ingest could not read a file of a run; the file is set aside until it changes."""
+
+    type_name: ClassVar[str] = "file_rejected"
+    type: Literal["file_rejected"] = "file_rejected"
+    run_id: str = Field(min_length=1)
+    path: str = Field(min_length=1)
+    reason: str = Field(min_length=1)
+    rejected_at: float = Field(default_factory=now)
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     model.type_name: model
     for model in (
@@ -302,6 +314,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         ReprocessRequest,
         MergeUpdate,
         ServiceHeartbeat,
+        FileRejected,
     )
 }
 

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     ingest_quiet_seconds: float = Field(
         5.0, gt=0, description="A file that has not changed for this long is complete (when it does not say so)"
     )
+    default_cell: tuple[float, float, float, float, float, float] | None = Field(
+        None, description="Cell of runs without a sample.json (JSON list a, b, c, alpha, beta, gamma)"
+    )
+    default_space_group: str | None = Field(None, description="Space group of runs without a sample.json")
     log_format: str = Field("auto", pattern="^(auto|json|console)$", description="auto: colour on a terminal")
     log_level: str = Field("info", description="debug, info, warning or error")
 

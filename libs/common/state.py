@@ -15,6 +15,7 @@ key                                  type     TTL                     content
 ``<ns>:job:<job>``                   string   state TTL               latest JobState (JSON)
 ``<ns>:merge:<dataset>:<trial>``     string   state TTL               latest MergeUpdate (JSON)
 ``<ns>:service:<name>:<instance>``   string   3 x heartbeat period    latest ServiceHeartbeat (JSON)
+``<ns>:ingest:rejected``             hash     state TTL, refreshed    file path -> latest FileRejected (JSON)
 ``<ns>:job:<job>:ranks``             hash     state TTL, refreshed    rank -> JSON {host, pid, frames, failed, at}
 ``<ns>:job:<job>:timeline``          list     state TTL, refreshed    JSON per frame: rank, frame, start, end, stages
 ===================================  =======  ======================  ===============================================
@@ -36,6 +37,7 @@ import redis
 
 from libs.common.bus import escape_word
 from libs.common.messages import (
+    FileRejected,
     FrameResult,
     JobState,
     MergeUpdate,
@@ -100,6 +102,9 @@ class Keys:
 
     def merge(self, dataset_id: str, trial: str) -> str:
         return f"{self.namespace}:merge:{escape_word(dataset_id)}:{escape_word(trial)}"
+
+    def rejected_files(self) -> str:
+        return f"{self.namespace}:ingest:rejected"
 
     def job_ranks(self, job_id: str) -> str:
         return f"{self.job(job_id)}:ranks"
@@ -221,6 +226,18 @@ class LiveState:
 
     def merge(self, dataset_id: str, trial: str) -> MergeUpdate | None:
         return self._load(self.keys.merge(dataset_id, trial), MergeUpdate)
+
+    # -- ingest -----------------------------------------------------------------------------------------------------
+
+    def save_rejection(self, event: FileRejected) -> None:
+        pipeline = self.redis.pipeline(transaction=True)
+        pipeline.hset(self.keys.rejected_files(), event.path, event.encode())
+        pipeline.expire(self.keys.rejected_files(), self.ttl)
+        pipeline.execute()
+
+    def rejections(self) -> list[FileRejected]:
+        raw: dict[bytes, bytes] = self.redis.hgetall(self.keys.rejected_files())  # type: ignore[assignment]
+        return [decode_message(value, FileRejected) for value in raw.values()]
 
     # -- analysis ranks: heartbeats and per-frame timings (the data of weatherplots) -------------------------------
 

@@ -1,0 +1,207 @@
+"""The ingest service: polls landing directories, recognises runs, publishes their RunManifests.
+
+Polling, not inotify: detector data lands on Lustre or NFS where inotify sees nothing. Each poll lists the
+directories, groups files into runs (services.ingest.discovery) and opens each run that is not finished yet:
+
+- a run is published once (revision 0) as soon as it has a readable frame; while it grows (live), its manifest is
+  published again at most every ``manifest_interval`` seconds with the new frame count (revision + 1); when it is
+  complete — the file says so, or its files stopped changing for ``ingest_quiet_seconds`` — a last revision with
+  ``live = false`` goes out. Redis keeps the latest manifest, so a restarted ingest (or a second sighting) never
+  publishes a finished run again.
+- a file that cannot be read once it has stopped changing is rejected: its reason goes to the log, to Redis
+  (``<ns>:ingest:rejected``) and out as a FileRejected message; it is set aside (not opened again) until it changes.
+
+Sample information (sample name, cell, space group) comes from ``<run>.sample.json`` or ``sample.json`` in the run's
+directory, else from the settings' defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from libs.common.bus import Publisher
+from libs.common.formats import FormatError, open_run
+from libs.common.logging import get_logger
+from libs.common.messages import CellParameters, FileRejected, RunManifest, validate_cell
+from libs.common.settings import Settings
+from libs.common.state import LiveState
+from services.ingest.discovery import FileObservation, RunCandidate, StabilityTracker, recognise_runs
+
+log = get_logger(__name__)
+
+
+class SampleInfo(BaseModel):
+    """What the experiment knows about the crystals of a run (``sample.json``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sample: str = ""
+    experiment: str = ""
+    cell: CellParameters | None = None
+    space_group: str | None = None
+
+
+@dataclass
+class RunTrack:
+    """What ingest last published for a run."""
+
+    manifest: RunManifest
+    published_at: float
+
+
+class Ingest:
+    """The polling loop's state and logic."""
+
+    def __init__(self, settings: Settings, manifest_interval: float = 2.0) -> None:
+        if not settings.landing_dirs:
+            raise ValueError("no landing directory to watch: set SFX_LANDING_DIRS to a JSON list of paths")
+        self.settings = settings
+        self.landing_dirs = [Path(d) for d in settings.landing_dirs]
+        self.state = LiveState(settings)
+        self.stability = StabilityTracker(settings.ingest_quiet_seconds)
+        self.manifest_interval = manifest_interval
+        self.tracks: dict[str, RunTrack] = {}
+        self.finished: set[str] = set()
+        self.rejected: dict[Path, tuple[int, float]] = {}
+        self._publisher: Publisher | None = None
+
+    @property
+    def publisher(self) -> Publisher:
+        if self._publisher is None:
+            self._publisher = Publisher(self.settings, role="ingest")
+        return self._publisher
+
+    # -- one poll --------------------------------------------------------------------------------------------------
+
+    def scan(self) -> None:
+        now = time.time()
+        observations: dict[Path, FileObservation] = {}
+        for directory in self.landing_dirs:
+            try:
+                entries = list(os.scandir(directory))
+            except FileNotFoundError:
+                log.warning("landing directory does not exist", directory=str(directory))
+                continue
+            for entry in entries:
+                if entry.is_file():
+                    info = entry.stat()
+                    observations[Path(entry.path)] = FileObservation(Path(entry.path), info.st_size, info.st_mtime)
+        for candidate in recognise_runs(observations):
+            if candidate.run_id in self.finished:
+                continue
+            self._consider(candidate, observations, now)
+
+    def _consider(self, candidate: RunCandidate, observations: dict[Path, FileObservation], now: float) -> None:
+        files = [f for f in candidate.all_files if f in observations]
+        stable = all([self.stability.observe(observations[f], now) for f in files])
+        if self._set_aside(candidate, observations):
+            return
+        known = self.tracks.get(candidate.run_id)
+        if known is None:
+            latest = self.state.run(candidate.run_id)
+            if latest is not None and not latest.live:
+                self.finished.add(candidate.run_id)  # published in full before (restart or second sighting)
+                return
+            if latest is not None:
+                known = self.tracks[candidate.run_id] = RunTrack(latest, 0.0)
+        try:
+            with open_run(list(candidate.all_files), candidate.geometry) as reader:
+                frame_count, says_complete = reader.frame_count, reader.is_complete
+        except FormatError as error:
+            if stable:
+                self._reject(candidate, str(error), observations)
+            return
+        complete = says_complete is True or (says_complete is None and stable)
+        if frame_count == 0 and not complete:
+            return
+        if known is not None:
+            unchanged = known.manifest.frame_count == frame_count and known.manifest.live == (not complete)
+            too_soon = not complete and now - known.published_at < self.manifest_interval
+            if unchanged or too_soon:
+                return
+        try:
+            sample = self._sample_info(candidate)
+        except ValueError as error:
+            self._reject(candidate, str(error), observations)
+            return
+        manifest = RunManifest(
+            run_id=candidate.run_id,
+            experiment=sample.experiment,
+            files=[str(f) for f in candidate.all_files],
+            file_format="cxi" if candidate.file_format == "cxi" else "nxmx",
+            frame_count=frame_count,
+            geometry=str(candidate.geometry) if candidate.geometry else None,
+            sample=sample.sample,
+            cell=sample.cell,
+            space_group=sample.space_group,
+            live=not complete,
+            revision=0 if known is None else known.manifest.revision + 1,
+        )
+        # Save before publishing: a consumer that looks the run up in Redis must find this revision.
+        self.state.save_run(manifest)
+        self.publisher.publish(manifest)
+        self.tracks[candidate.run_id] = RunTrack(manifest, now)
+        log.info(
+            "run manifest published",
+            run_id=manifest.run_id,
+            frames=frame_count,
+            live=manifest.live,
+            revision=manifest.revision,
+        )
+        if complete:
+            self.finished.add(candidate.run_id)
+
+    def _sample_info(self, candidate: RunCandidate) -> SampleInfo:
+        folder = candidate.main_file.parent
+        for path in (folder / f"{candidate.run_id}.sample.json", folder / "sample.json"):
+            if path.exists():
+                try:
+                    info = SampleInfo.model_validate_json(path.read_bytes())
+                    validate_cell(info.cell)
+                except (ValidationError, ValueError) as error:
+                    raise ValueError(f"{path}: invalid sample description: {error}") from error
+                return info
+        defaults = self.settings
+        return SampleInfo(
+            cell=defaults.default_cell,
+            space_group=defaults.default_space_group,
+        )
+
+    # -- bad files -------------------------------------------------------------------------------------------------
+
+    def _set_aside(self, candidate: RunCandidate, observations: dict[Path, FileObservation]) -> bool:
+        """True while the run's main file is rejected and unchanged since."""
+        signature = self.rejected.get(candidate.main_file)
+        if signature is None:
+            return False
+        current = observations[candidate.main_file]
+        if signature == (current.size, current.mtime):
+            return True
+        del self.rejected[candidate.main_file]
+        return False
+
+    def _reject(self, candidate: RunCandidate, reason: str, observations: dict[Path, FileObservation]) -> None:
+        current = observations[candidate.main_file]
+        self.rejected[candidate.main_file] = (current.size, current.mtime)
+        event = FileRejected(run_id=candidate.run_id, path=str(candidate.main_file), reason=reason)
+        log.error("file rejected", run_id=candidate.run_id, path=str(candidate.main_file), reason=reason)
+        self.state.save_rejection(event)
+        self.publisher.publish(event)
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "landing_dirs": [str(d) for d in self.landing_dirs],
+            "runs_live": len([t for t in self.tracks.values() if t.manifest.live]),
+            "runs_finished": len(self.finished),
+            "files_rejected": len(self.rejected),
+        }
+
+    def stop(self) -> None:
+        if self._publisher is not None:
+            self._publisher.close()
