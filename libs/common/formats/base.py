@@ -97,6 +97,8 @@ def open_hdf5(path: Path, *, swmr: bool = True) -> h5py.File:
     except OSError as error:
         if swmr and "swmr" in str(error).lower():
             return open_hdf5(path, swmr=False)
+        if "lock" in str(error).lower():
+            raise FormatError(path, f"is locked by a writer that did not enable SWMR: {error}") from error
         raise FormatError(path, f"cannot be opened as HDF5 (truncated or not HDF5?): {error}") from error
 
 
