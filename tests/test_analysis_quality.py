@@ -18,13 +18,18 @@ Definitions:
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from libs.common.crystal import lattice_operators, misorientation_degrees
+from libs.common.formats import open_run_writer
 from libs.common.parameters import AnalysisParameters
 from libs.simulator import Experiment, SimulationConfig
 from services.analysis.pipeline import process_frame
@@ -232,3 +237,48 @@ def test_integrated_intensities_follow_truth(which: str, request: pytest.Fixture
     figures: Figures = request.getfixturevalue(which)
     assert len(figures.ours) >= 200
     assert float(np.corrcoef(figures.ours, figures.truth)[0, 1]) >= 0.9
+
+
+def test_process_frame_command_reads_an_nxmx_run(tmp_path: Path) -> None:
+    """``sfx process-frame`` on a real NXmx file: the JSON carries the truth's orientation; bad input is named."""
+    config = SimulationConfig(seed=5)
+    experiment = Experiment(config)
+    hit_index = next(i for i in range(50) if experiment.truth(i).hit)
+    blank_index = next(i for i in range(50) if not experiment.truth(i).hit)
+    path = tmp_path / "run_master.h5"
+    with open_run_writer(path, "nxmx", detector=experiment.detector, beam=experiment.beam, mask=experiment.mask) as w:
+        for index in range(max(hit_index, blank_index) + 1):
+            w.append(experiment.frame(index).image)
+    cell = " ".join(str(x) for x in config.cell)
+    base = [
+        sys.executable,
+        "-m",
+        "sfx",
+        "process-frame",
+        str(path),
+        "--cell",
+        cell,
+        "--space-group",
+        config.space_group,
+    ]
+
+    done = subprocess.run([*base, "--frame", str(hit_index), "--json"], capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout)
+    assert {"spot_count", "hit", "indexed", "A", "cell", "n_integrated", "timings"} <= set(result)
+    assert result["hit"] and result["indexed"] and result["n_integrated"] > 50
+    truth = experiment.truth(hit_index)
+    assert truth.A is not None
+    angle, _ = misorientation_degrees(np.array(result["A"]), truth.A, lattice_operators(config.cell))
+    assert angle < 0.1
+    assert set(result["timings"]) >= {"spotfinding", "indexing", "refinement", "integration"}
+
+    text = subprocess.run([*base, "--frame", str(blank_index)], capture_output=True, text=True, check=True).stdout
+    assert "blank" in text and "not a hit" in text and "spotfinding" in text
+
+    bad = subprocess.run([*base, "--frame", "999"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "frame 999 does not exist" in bad.stderr
+    bad = subprocess.run([*base, "--frame", "0", "--set", "spotfinding.sigma_strang=4"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "spotfinding.sigma_strang" in bad.stderr and "sigma_strong" in bad.stderr
+    wrong_cell = [*base[:-4], "--cell", "79 60 38 90 90 90", "--space-group", config.space_group, "--frame", "0"]
+    bad = subprocess.run(wrong_cell, capture_output=True, text=True)
+    assert bad.returncode == 2 and "not compatible" in bad.stderr

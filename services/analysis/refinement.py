@@ -119,6 +119,8 @@ def refine(
         cell = _cell_from_free(start_cell, free, x[3:], system) if free else list(start_cell)
         return rotation @ U0 @ b_matrix(cell)
 
+    width = ExcitationWidth(width_0=5e-4, mosaic=psi_sigma)
+
     def residuals(x: np.ndarray, chosen: np.ndarray) -> np.ndarray:
         r = miller[chosen] @ model_matrix(x).T
         projected, delta_psi = ewald_projection(r, s0)
@@ -126,7 +128,9 @@ def refine(
         observed = observed_direction[chosen]
         offset = predicted - np.sum(predicted * observed, axis=1, keepdims=True) * observed
         position = offset * distance[chosen, None] / parameters.position_sigma_mm
-        return np.concatenate([position.ravel(), delta_psi / psi_sigma])
+        # Δψ·|r| is the spot's distance from the sphere along it; its spread is the crystal's width σ(|r|).
+        length = np.linalg.norm(r, axis=1)
+        return np.concatenate([position.ravel(), delta_psi * length / width.sigma(length)])
 
     used = np.ones(len(miller), dtype=bool)
     x = np.concatenate([np.zeros(3), start])
@@ -136,6 +140,7 @@ def refine(
             break
         fit = least_squares(residuals, x, args=(used,), x_scale=scale, method="lm", max_nfev=200)
         x = fit.x
+        width = estimate_width(miller[used] @ model_matrix(x).T, s0)
         all_res = residuals(x, np.ones(len(miller), dtype=bool))
         n = len(miller)
         per_spot = np.sqrt(np.sum(all_res[: 3 * n].reshape(n, 3) ** 2, axis=1) + all_res[3 * n :] ** 2)
