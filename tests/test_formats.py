@@ -681,3 +681,17 @@ def test_run_left_open_by_a_crashed_writer_says_incomplete(tmp_path: Path) -> No
     with open_run(tmp_path / "copy.cxi") as reader:
         assert reader.is_complete is False
         assert reader.frame_count == 1
+
+
+def test_file_held_by_a_writer_without_swmr_is_reported_as_locked(tmp_path: Path) -> None:
+    detector = small_multipanel_detector()
+    path = tmp_path / "busy.h5"
+    with open_run_writer(path, "nxmx", detector=detector, beam=BEAM) as writer:
+        writer.append(synthetic_frames(detector, 1)[0])
+        probe = (
+            f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+            "from libs.common.formats import FormatError, open_run\n"
+            f"try:\n    open_run({str(path)!r})\nexcept FormatError as error:\n    print(error)\n"
+        )
+        seen = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert "busy.h5: is locked by a writer that did not enable SWMR" in seen.stdout, seen.stdout + seen.stderr
