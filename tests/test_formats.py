@@ -133,6 +133,10 @@ def test_nxmx_data_in_external_linked_files(tmp_path: Path) -> None:
             assert reader.frame_count == 5
     finally:
         os.chdir(previous)
+    empty = write_run(tmp_path / "empty.h5", "nxmx", detector, frames[:0], frames_per_data_file=2)
+    with open_run(empty) as reader:
+        assert reader.frame_count == 0 and reader.is_complete
+        assert reader.read_frames(0, 0).shape == (0, *detector.frame_shape)
     (moved / "series_master_data_000003.h5").unlink()
     with pytest.raises(FormatError, match=r"series_master_data_000003\.h5.*does not exist"):
         open_run(moved / "series_master.h5")

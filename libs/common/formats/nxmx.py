@@ -296,6 +296,8 @@ class NxmxRunWriter(RunWriter):
             if self._data_files:
                 self._finish_data_file()
                 self._write_virtual_dataset()
+            elif self._stack is None:  # data files were asked for but no frame came: an empty run, not a broken one
+                FrameStack(self._file["/entry/data"], "data", self.frame_shape, self.dtype, "none", live=False)
             flag = self._file[f"/entry/{RUN_COMPLETE_NAME}"]
             flag[()] = np.int8(1)
             if self.live:
