@@ -154,7 +154,8 @@ def test_a_run_spread_over_several_files_reads_in_order(tmp_path: Path, file_for
         for n, part in enumerate((frames[:2], frames[2:3], frames[3:]))
     ]
     geometry = tmp_path / "r0042-c00.geom" if file_format == "cxi" else None
-    with open_run(paths, geometry=geometry) as reader:
+    listed = [*paths, geometry] if geometry is not None else paths  # a .geom may also come in the list
+    with open_run(listed) as reader:
         assert reader.frame_count == 5 and reader.paths == paths and reader.is_complete
         np.testing.assert_array_equal(reader.read_frames(0, 5), frames)
         np.testing.assert_array_equal(reader.read_frame(3), frames[3])

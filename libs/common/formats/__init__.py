@@ -76,12 +76,21 @@ def detect_format(path: Path) -> FileFormat:
 def open_run(paths: str | Path | list[str | Path] | list[Path], geometry: str | Path | None = None) -> RunReader:
     """Open a run from one file or many (in order); ``geometry``: a CrystFEL .geom for CXI files.
 
-    Without ``geometry``, a CXI run uses ``<stem>.geom`` beside its first file, or the only .geom in that folder.
+    A ``.geom`` among ``paths`` is taken as the geometry. Without one, a CXI run uses ``<stem>.geom`` beside its
+    first file, or the only .geom in that folder.
     """
     items = [paths] if isinstance(paths, str | Path) else list(paths)
     if not items:
         raise ValueError("open_run needs at least one file")
     files = [Path(item) for item in items]
+    geometry_files = [path for path in files if path.suffix == ".geom"]
+    if geometry_files:  # a .geom listed with the data files is the geometry of a CXI run
+        if geometry is not None or len(geometry_files) > 1:
+            raise FormatError(geometry_files[0], "more than one CrystFEL geometry given for one run")
+        geometry = geometry_files[0]
+        files = [path for path in files if path.suffix != ".geom"]
+        if not files:
+            raise FormatError(geometry, "a geometry file alone is not a run: give the CXI files too")
     formats = {path: detect_format(path) for path in files}
     if len(set(formats.values())) > 1:
         raise FormatError(files[0], f"a run mixes formats: { ({str(k): v for k, v in formats.items()}) }")
