@@ -430,7 +430,7 @@ class Experiment:
         offsets = np.zeros(len(indices) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum(np.bincount(frame, minlength=len(indices)))
         covariance = columns["profile_covariance"] + np.eye(2)[None] / 12.0
-        foreground = np.maximum(4.0, np.round(np.pi * 9.0 * np.sqrt(np.linalg.det(covariance))))
+        foreground = np.maximum(4.0, np.round(np.pi * 9.0 * np.sqrt(_determinant(covariance))))
         n_background = 3.0 * foreground + 20.0
         b = columns["background_per_pixel"]
         signal_mean = columns["expected_counts"] + foreground * b
@@ -446,7 +446,7 @@ class Experiment:
         intensity = signal - foreground * background_counts / n_background
         variance = np.maximum(signal + foreground**2 * background_counts / n_background**2, 1.0)
         correction = columns["lorentz"] * columns["polarisation"]
-        miller = np.einsum("nij,nj->ni", batch.crystals.indexing_operator[frame], columns["miller"])
+        miller = _apply(batch.crystals.indexing_operator, frame, columns["miller"])
         return ReflectionBatch(
             batch=_Batch(batch.indices, batch.crystals, offsets, columns),
             miller=miller.astype(np.int16),
@@ -471,13 +471,24 @@ class Experiment:
             inside = (fast >= 0) & (fast < n_fast) & (slow >= 0) & (slow < n_slow)
             keep &= inside & self.mask[panel, np.clip(slow, 0, n_slow - 1), np.clip(fast, 0, n_fast - 1)]
         covariance = columns["profile_covariance"] + np.eye(2)[None] / 12.0
-        peak = columns["expected_counts"] / (2.0 * np.pi * np.sqrt(np.linalg.det(covariance)))
+        peak = columns["expected_counts"] / (2.0 * np.pi * np.sqrt(_determinant(covariance)))
         keep &= (peak + columns["background_per_pixel"]) * self.config.gain < self.config.saturation
         return keep
 
     def true_merged_intensities(self) -> tuple[np.ndarray, np.ndarray]:
         """(miller (n, 3) int in the gemmi reciprocal ASU, intensity (n,)) of the whole data set."""
         return self.intensities.asu_miller.copy(), self.intensities.asu_intensity.copy()
+
+
+def _determinant(matrices: np.ndarray) -> np.ndarray:
+    """Determinants of (n, 2, 2) matrices."""
+    return np.asarray(matrices[:, 0, 0] * matrices[:, 1, 1] - matrices[:, 0, 1] * matrices[:, 1, 0])
+
+
+def _apply(matrices: np.ndarray, which: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """matrices[which[i]] · vectors[i] for every row i, without gathering a 3×3 matrix per row."""
+    gathered = matrices.reshape(len(matrices), 9)[which]
+    return np.stack([np.einsum("nj,nj->n", gathered[:, 3 * row : 3 * row + 3], vectors) for row in range(3)], axis=1)
 
 
 def _tied_cell_edges(group: gemmi.SpaceGroup) -> np.ndarray:

@@ -124,11 +124,17 @@ class QuantisedPoisson:
         k_max = int(np.ceil(top + 12.0 * np.sqrt(top) + 15.0))
         cdf = stats.poisson.cdf(np.arange(k_max + 1)[None, :], rates[:, None])
         n_bins = 1 << GUIDE_BITS
-        edges = np.arange(n_bins + 1) / n_bins
-        guide = np.empty((self.n_levels, n_bins), dtype=np.int16)
-        for row in range(self.n_levels):
-            k_at_edge = np.searchsorted(cdf[row], edges, side="right")
-            guide[row] = np.where(k_at_edge[:-1] == k_at_edge[1:], k_at_edge[:-1], -1)
+        # Count k answers every u in [cdf[k-1], cdf[k]): the guide bins wholly inside that interval get k, the
+        # bins that straddle a boundary get -1 (resolved by search below).
+        lower = np.concatenate([np.zeros((self.n_levels, 1)), cdf[:, :-1]], axis=1)
+        first_bin = np.ceil(lower * n_bins).astype(np.int64)
+        end_bin = np.floor(cdf * n_bins).astype(np.int64)
+        width = np.maximum(end_bin - first_bin, 0).ravel()
+        guide = np.full(self.n_levels * n_bins, -1, dtype=np.int16)
+        starts = (first_bin + np.arange(self.n_levels)[:, None] * n_bins).ravel()
+        total = int(width.sum())
+        position = np.repeat(starts - np.cumsum(width) + width, width) + np.arange(total)
+        guide[position] = np.repeat(np.tile(np.arange(k_max + 1, dtype=np.int16), self.n_levels), width)
         uniform = rng.integers(0, 1 << 32, size=self.levels.size, dtype=np.uint32)
         counts = guide.ravel()[self._guide_base + (uniform >> (32 - GUIDE_BITS)).astype(np.int32)]
         unresolved = np.flatnonzero(counts < 0)

@@ -185,7 +185,9 @@ def predict(
     )
     epsilon_max = CUTOFF_SIGMAS * np.sqrt(sigma_r2_max + (gradient_max * sigma_k) ** 2)
     frame, miller = _candidates(crystals.A, k, lines, epsilon_max)
-    r = np.einsum("nij,nj->ni", crystals.A[frame], miller)
+    r = np.empty((len(frame), 3))
+    for row in range(3):
+        r[:, row] = np.einsum("nj,nj->n", crystals.A[:, row, :][frame], miller)
     r_length = np.linalg.norm(r, axis=1)
     centred = r.copy()
     centred[:, 2] -= k
@@ -279,14 +281,18 @@ def project_spots(
     norm = np.linalg.norm(tangential, axis=1, keepdims=True)
     tangential = np.where(norm > 1e-12, tangential / np.maximum(norm, 1e-12), np.array([1.0, 0.0, 0.0]))
     radial = np.cross(u, tangential)
-    projected = np.einsum("nij,nj->ni", inverses[panel], u)
+    projected, moved_r, moved_t = (np.empty_like(u) for _ in range(3))
+    for index in range(len(inverses)):
+        on = panel == index
+        projected[on] = u[on] @ inverses[index].T
+        moved_r[on] = radial[on] @ inverses[index].T
+        moved_t[on] = tangential[on] @ inverses[index].T
     w = projected[:, 2]
 
-    def jacobian(direction: np.ndarray) -> np.ndarray:
-        moved = np.einsum("nij,nj->ni", inverses[panel], direction)
+    def jacobian(moved: np.ndarray) -> np.ndarray:
         return (moved[:, :2] * w[:, None] - projected[:, :2] * moved[:, 2:3]) / (w * w)[:, None]
 
-    jr, jt = jacobian(radial), jacobian(tangential)
+    jr, jt = jacobian(moved_r), jacobian(moved_t)
     divergence_sigma2 = (divergence * FWHM_TO_SIGMA) ** 2
     radial_var = predicted.radial_sigma[hit] ** 2 + divergence_sigma2
     tangential_var = predicted.tangential_sigma[hit] ** 2 + divergence_sigma2
