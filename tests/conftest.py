@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
+import kombu
 import pytest
 
 from libs.common.bus import Topology, connect
-from libs.common.settings import Settings
+from libs.common.settings import Settings, get_settings
 from libs.common.state import LiveState
 
 AMQP_URL = os.environ.get("SFX_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -46,6 +48,15 @@ def settings_environment(settings: Settings) -> dict[str, str]:
     }
 
 
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
 def cleanup(settings: Settings) -> None:
     """Delete the namespace's queues, exchanges and Redis keys."""
     try:
@@ -63,6 +74,27 @@ def settings() -> Iterator[Settings]:
         Topology(test_settings).declare(connection)
     yield test_settings
     cleanup(test_settings)
+
+
+@pytest.fixture
+def scratch_queues(settings: Settings) -> Iterator[list[kombu.Queue]]:
+    """Queues a test declares beyond the topology (append them): deleted after the test."""
+    queues: list[kombu.Queue] = []
+    yield queues
+    with connect(settings, role="test-cleanup") as connection:
+        channel = connection.channel()
+        for queue in queues:
+            channel.queue_delete(queue.name)
+
+
+@pytest.fixture
+def cli_environment(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """SFX_* variables of the test's namespace, so in-process ``sfx`` commands (``get_settings()``) use it."""
+    for name, value in settings_environment(settings).items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    yield settings
+    get_settings.cache_clear()
 
 
 @pytest.fixture

@@ -43,10 +43,10 @@ from libs.common.messages import (
     ServiceHeartbeat,
     ShellStatistics,
 )
-from libs.common.settings import Settings, get_settings
+from libs.common.settings import Settings
 from libs.common.state import LiveState
 from sfx.cli import main as sfx_main
-from tests.conftest import rabbitmqctl, settings_environment
+from tests.conftest import rabbitmqctl, settings_environment, wait_until
 
 
 def frame_result(frame_index: int, run_id: str = "r0001", trial: str = "live", reflections: int = 0) -> FrameResult:
@@ -120,14 +120,6 @@ def capture_deliveries(store: list[tuple[Message, Delivery]]) -> Callable[[Handl
     return middleware
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
 def dead_letters(settings: Settings) -> list[Any]:
     """Take every message off the dead-letter queue (acking them)."""
     messages = []
@@ -147,7 +139,9 @@ def test_routing_words_are_escaped_and_reversible() -> None:
         escape_word("")
 
 
-def test_every_message_type_round_trips_through_the_broker(settings: Settings) -> None:
+def test_every_message_type_round_trips_through_the_broker(
+    settings: Settings, scratch_queues: list[kombu.Queue]
+) -> None:
     topology = Topology(settings)
     every_exchange = kombu.Queue(
         topology.name("everything"),
@@ -155,6 +149,7 @@ def test_every_message_type_round_trips_through_the_broker(settings: Settings) -
         durable=True,
         queue_arguments=topology.work_queue_arguments(),
     )
+    scratch_queues.append(every_exchange)
     sent = one_of_each_type()
     received: list[tuple[Message, Delivery]] = []
     consumer = Consumer(
@@ -164,14 +159,10 @@ def test_every_message_type_round_trips_through_the_broker(settings: Settings) -
         settings=settings,
         middleware=[capture_deliveries(received)],
     )
-    try:
-        with running(consumer), Publisher(settings) as publisher:
-            for message in sent:
-                publisher.publish(message)
-            wait_until(lambda: len(received) == len(sent), 10, "every message type")
-    finally:
-        with connect(settings) as connection:
-            connection.channel().queue_delete(every_exchange.name)
+    with running(consumer), Publisher(settings) as publisher:
+        for message in sent:
+            publisher.publish(message)
+        wait_until(lambda: len(received) == len(sent), 10, "every message type")
 
     by_type = {message.type_name: (message, delivery) for message, delivery in received}
     assert sorted(by_type) == sorted(message.type_name for message in sent)
@@ -186,26 +177,23 @@ def test_every_message_type_round_trips_through_the_broker(settings: Settings) -
     assert consumer.metrics.snapshot()["messages_handled_total"] == len(sent)
 
 
-def test_subscriber_selects_results_by_run_and_trial(settings: Settings) -> None:
+def test_subscriber_selects_results_by_run_and_trial(settings: Settings, scratch_queues: list[kombu.Queue]) -> None:
     topology = Topology(settings)
     selected = topology.work_queue("select-r1", "results", [f"frame.{escape_word('r1')}.*"])
+    scratch_queues.append(selected)
     received: list[FrameResult] = []
     consumer = Consumer(selected, FrameResult, received.append, settings=settings)
-    try:
-        with running(consumer), Publisher(settings) as publisher:
-            publisher.publish_many(
-                [
-                    frame_result(0, run_id="r1", trial="live"),
-                    frame_result(1, run_id="r1", trial="t2"),
-                    frame_result(2, run_id="r1.x", trial="live"),  # not run r1, although it starts like it
-                    frame_result(3, run_id="r2", trial="live"),
-                ]
-            )
-            wait_until(lambda: len(received) >= 2, 10, "the results of run r1")
-            time.sleep(0.3)  # anything wrongly routed would arrive by now
-    finally:
-        with connect(settings) as connection:
-            connection.channel().queue_delete(selected.name)
+    with running(consumer), Publisher(settings) as publisher:
+        publisher.publish_many(
+            [
+                frame_result(0, run_id="r1", trial="live"),
+                frame_result(1, run_id="r1", trial="t2"),
+                frame_result(2, run_id="r1.x", trial="live"),  # not run r1, although it starts like it
+                frame_result(3, run_id="r2", trial="live"),
+            ]
+        )
+        wait_until(lambda: len(received) >= 2, 10, "the results of run r1")
+        time.sleep(0.3)  # anything wrongly routed would arrive by now
     assert sorted((r.run_id, r.trial) for r in received) == [("r1", "live"), ("r1", "t2")]
 
 
@@ -301,10 +289,12 @@ def test_malformed_messages_are_dead_lettered_and_good_ones_still_handled(settin
     assert consumer.error is None
 
 
-def test_failing_handler_is_retried_then_dead_lettered_with_its_error(settings: Settings) -> None:
+def test_failing_handler_is_retried_then_dead_lettered_with_its_error(
+    settings: Settings, scratch_queues: list[kombu.Queue]
+) -> None:
     settings = settings.model_copy(update={"delivery_limit": 2})
-    topology = Topology(settings)
-    limited = topology.work_queue("limited", "runs", ["manifest.#"])
+    limited = Topology(settings).work_queue("limited", "runs", ["manifest.#"])
+    scratch_queues.append(limited)
     attempts: list[int] = []
 
     def always_fails(manifest: RunManifest) -> None:
@@ -312,25 +302,20 @@ def test_failing_handler_is_retried_then_dead_lettered_with_its_error(settings: 
         raise RuntimeError(f"cannot open {manifest.files[0]}")
 
     consumer = Consumer(limited, RunManifest, always_fails, settings=settings)
-    try:
-        with running(consumer), Publisher(settings) as publisher:
-            publisher.publish(RunManifest(run_id="r9", files=["/data/missing.h5"], file_format="nxmx"))
-            wait_until(lambda: consumer.metrics.snapshot()["messages_dead_lettered_total"] == 1, 10, "a dead letter")
-    finally:
-        with connect(settings) as connection:
-            connection.channel().queue_delete(limited.name)
+    with running(consumer), Publisher(settings) as publisher:
+        publisher.publish(RunManifest(run_id="r9", files=["/data/missing.h5"], file_format="nxmx"))
+        wait_until(lambda: consumer.metrics.snapshot()["messages_dead_lettered_total"] == 1, 10, "a dead letter")
     assert len(attempts) == 3  # first delivery plus delivery_limit redeliveries, then it stops
     (letter,) = dead_letters(settings)
     assert "handler failed on all 3 deliveries" in letter.headers[HEADER_ERROR]
     assert "/data/missing.h5" in letter.headers[HEADER_ERROR]
 
 
-def test_dlq_list_replay_and_purge(settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
-    for name, value in settings_environment(settings).items():
-        monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
-    settings = settings.model_copy(update={"delivery_limit": 1})
+def test_dlq_list_replay_and_purge(cli_environment: Settings, scratch_queues: list[kombu.Queue], capsys: Any) -> None:
+    settings = cli_environment.model_copy(update={"delivery_limit": 1})
     topology = Topology(settings)
+    replayable = topology.work_queue("replayable", "runs", ["manifest.#"])
+    scratch_queues.append(replayable)
     broken = threading.Event()
     broken.set()
     handled: list[str] = []
@@ -340,28 +325,22 @@ def test_dlq_list_replay_and_purge(settings: Settings, monkeypatch: pytest.Monke
             raise RuntimeError("database down")
         handled.append(manifest.run_id)
 
-    limited = topology.work_queue("replayable", "runs", ["manifest.#"])
-    consumer = Consumer(limited, RunManifest, handler, settings=settings)
-    try:
-        with running(consumer), Publisher(settings) as publisher:
-            publisher.publish(RunManifest(run_id="r5", files=["/data/r5.h5"], file_format="nxmx"))
-            publisher.publish_raw(b"garbage", topology.name("runs"), "manifest.garbage", {})
-            wait_until(lambda: consumer.metrics.snapshot()["messages_dead_lettered_total"] == 2, 10, "dead letters")
-            capsys.readouterr()
-            assert sfx_main(["dlq", "list"]) == 0
-            listing = capsys.readouterr().out
-            assert "database down" in listing and "not JSON" in listing and listing.count("replayable") == 2
-            broken.clear()  # the operator fixed the cause; replay puts the messages back on their queue
-            assert sfx_main(["dlq", "replay"]) == 0
-            wait_until(lambda: handled == ["r5"], 10, "the replayed message to be handled")
-            wait_until(lambda: consumer.metrics.snapshot()["messages_dead_lettered_total"] == 3, 10, "garbage again")
-        assert sfx_main(["dlq", "purge"]) == 0
-        assert "purged 1" in capsys.readouterr().out
-        assert dead_letters(settings) == []
-    finally:
-        get_settings.cache_clear()
-        with connect(settings) as connection:
-            connection.channel().queue_delete(limited.name)
+    consumer = Consumer(replayable, RunManifest, handler, settings=settings)
+    with running(consumer), Publisher(settings) as publisher:
+        publisher.publish(RunManifest(run_id="r5", files=["/data/r5.h5"], file_format="nxmx"))
+        publisher.publish_raw(b"garbage", topology.name("runs"), "manifest.garbage", {})
+        wait_until(lambda: consumer.metrics.snapshot()["messages_dead_lettered_total"] == 2, 10, "dead letters")
+        capsys.readouterr()
+        assert sfx_main(["dlq", "list"]) == 0
+        listing = capsys.readouterr().out
+        assert "database down" in listing and "not JSON" in listing and listing.count("replayable") == 2
+        broken.clear()  # the operator fixed the cause; replay puts the messages back on their queue
+        assert sfx_main(["dlq", "replay"]) == 0
+        wait_until(lambda: handled == ["r5"], 10, "the replayed message to be handled")
+        wait_until(lambda: consumer.metrics.snapshot()["messages_dead_lettered_total"] == 3, 10, "garbage again")
+    assert sfx_main(["dlq", "purge"]) == 0
+    assert "purged 1" in capsys.readouterr().out
+    assert dead_letters(settings) == []
 
 
 def test_a_long_handler_does_not_starve_the_connection_heartbeat(settings: Settings) -> None:
@@ -432,17 +411,10 @@ def test_threads_may_share_a_publisher(settings: Settings) -> None:
     assert shared.published_total == 400
 
 
-def test_bus_declare_is_idempotent_and_refuses_conflicting_queues(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: Any
-) -> None:
-    for name, value in settings_environment(settings).items():
-        monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
-    try:
-        assert sfx_main(["bus", "declare"]) == 0
-        assert sfx_main(["bus", "declare"]) == 0
-    finally:
-        get_settings.cache_clear()
+def test_bus_declare_is_idempotent_and_refuses_conflicting_queues(cli_environment: Settings, capsys: Any) -> None:
+    settings = cli_environment
+    assert sfx_main(["bus", "declare"]) == 0
+    assert sfx_main(["bus", "declare"]) == 0
     declared = capsys.readouterr().out.split()
     for name in ("runs", "jobs", "results", "control", "dlx", "dead-letters", "merger.frames", "dispatcher.runs"):
         assert declared.count(f"{settings.namespace}.{name}") == 2
