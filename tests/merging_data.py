@@ -14,6 +14,7 @@ import numpy as np
 
 from libs.common.crystal import b_matrix, reciprocal_space_operators, space_group
 from libs.common.messages import FrameResult, ReflectionTable
+from libs.simulator import Experiment, FrameTruth
 from services.merger.ambiguity import reindexing_modes
 from services.merger.asu import AsuMapper
 
@@ -83,3 +84,40 @@ def synthetic_run(
         table = ReflectionTable.from_columns(miller, intensity, sigma, reported)
         frames.append(frame_result(index, cell, table))
     return SyntheticRun(mapper, true, frames, np.array(true_modes), modes)
+
+
+def simulated_results(
+    experiment: Experiment, indices: Sequence[int], *, true_setting: bool = False, run_id: str = "sim"
+) -> tuple[list[FrameResult], list[FrameTruth]]:
+    """The simulator's reflection-level frames as FrameResults (blank frames: not indexed).
+
+    ``true_setting``: reindex each frame from the indexer's arbitrary setting back to the true one, which is what
+    a perfect ambiguity resolution would do.
+    """
+    batch = experiment.reflection_batch(list(indices))
+    results, truths = [], []
+    for j, index in enumerate(indices):
+        truth, table = batch.frame(j)
+        truths.append(truth)
+        if table is None or truth.cell is None or truth.indexed_A is None:
+            results.append(FrameResult(run_id=run_id, trial="t1", frame_index=index, started_at=0.0, finished_at=0.0))
+            continue
+        if true_setting:
+            back = np.round(np.linalg.inv(truth.indexing_operator)).astype(np.int64)
+            miller = np.asarray(table.miller, dtype=np.int64) @ back.T
+            table = ReflectionTable.from_columns(miller, table.intensity, table.sigma, table.partiality)
+        results.append(
+            FrameResult(
+                run_id=run_id,
+                trial="t1",
+                frame_index=index,
+                started_at=0.0,
+                finished_at=0.0,
+                hit=True,
+                indexed=True,
+                A=tuple(tuple(float(v) for v in row) for row in truth.indexed_A),  # type: ignore[arg-type]
+                cell=tuple(float(v) for v in truth.cell),  # type: ignore[arg-type]
+                reflections=table,
+            )
+        )
+    return results, truths

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
+
 import gemmi
 import numpy as np
 import pytest
 
-from libs.common.crystal import space_group
+from libs.common.crystal import reciprocal_space_operators, space_group
 from libs.common.messages import ReflectionTable
+from libs.simulator import Experiment, SimulationConfig
 from services.merger.ambiguity import reindexing_modes
 from services.merger.asu import AsuMapper
 from services.merger.engine import MergingEngine, MergingParameters
 from services.merger.error_model import fit_error_model
 from services.merger.french_wilson import french_wilson
 from services.merger.statistics import format_table
-from tests.merging_data import frame_result, synthetic_run
+from tests.merging_data import frame_result, simulated_results, synthetic_run
 
 TETRAGONAL = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)
 
@@ -186,3 +189,105 @@ def test_ambiguity_is_resolved_consistently_on_synthetic_frames(symbol: str, cel
     assert max(agreement, 1 - agreement) >= 0.98
     fraction = engine.ambiguity_resolved_fraction()
     assert fraction is not None and fraction > 0.9
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Against the simulator's ground truth (reflection-level mode)
+
+
+def truth_by_asu(engine: MergingEngine, experiment: Experiment) -> np.ndarray:
+    """The simulator's true merged intensity of every ASU reflection of the engine (NaN where it has none)."""
+    miller, intensity = experiment.true_merged_intensities()
+    truth = np.full(engine.mapper.size, np.nan)
+    index = engine.mapper.lookup(miller)
+    truth[index[index >= 0]] = intensity[index >= 0]
+    return truth
+
+
+def merged_vs_truth(engine: MergingEngine, truth: np.ndarray, d_low: float = 1e9, d_high: float = 0.0) -> float:
+    merged = engine.merged()
+    index = engine.mapper.lookup(merged.miller)
+    select = (merged.d <= d_low) & (merged.d > d_high) & np.isfinite(truth[index])
+    return float(np.corrcoef(merged.intensity[select], truth[index][select])[0, 1])
+
+
+def best_setting_cc(engine: MergingEngine, truth: np.ndarray) -> float:
+    """CC with the truth in whichever indexing mode the whole merge settled (any mode is a consistent answer)."""
+    merged = engine.merged()
+    best = -1.0
+    for operator in engine.modes:
+        index, _ = engine.mapper.map(merged.miller.astype(np.int64) @ operator.T)
+        select = (index >= 0) & np.isfinite(truth[np.maximum(index, 0)])
+        cc = float(np.corrcoef(merged.intensity[select], truth[index[select]])[0, 1])
+        best = max(best, cc)
+    return best
+
+
+def test_two_thousand_simulated_frames_merge_to_the_true_intensities() -> None:
+    experiment = Experiment(SimulationConfig(seed=11, hit_fraction=1.0))
+    config = experiment.config
+    engine = MergingEngine(config.cell, config.space_group, MergingParameters(d_min=config.d_min))
+    truth = truth_by_asu(engine, experiment)
+    history = []
+    for start in range(0, 2000, 250):
+        results, _ = simulated_results(experiment, range(start, start + 250))
+        report = engine.add_frames(results)
+        assert not report.rejected
+        history.append(merged_vs_truth(engine, truth))
+    engine.rescale()
+    statistics = engine.statistics(d_min=config.d_min)
+    top = statistics.shells[-1]
+    overall_cc = merged_vs_truth(engine, truth)
+    top_cc = merged_vs_truth(engine, truth, d_low=top.d_max, d_high=top.d_min * (1 - 1e-6))
+    print(
+        f"CC to truth while streaming: {np.round(history, 4)}; after re-scale {overall_cc:.4f}, {top_cc:.3f} "
+        f"in {top.d_max:.2f}-{top.d_min:.2f} Å"
+    )
+    assert engine.frames_merged >= 1990
+    assert overall_cc >= 0.95
+    assert top_cc >= 0.8
+    assert history[-1] > history[0]
+    assert all(later >= earlier - 0.002 for earlier, later in itertools.pairwise(history))
+    assert statistics.overall.completeness > 0.99
+    assert top.cc_half is not None and top.cc_half > 0.3
+
+
+def test_ambiguous_space_group_frames_get_consistent_modes() -> None:
+    experiment = Experiment(SimulationConfig(seed=12, hit_fraction=1.0, space_group="P 43"))
+    config = experiment.config
+    frames = range(2000)
+    results, truths = simulated_results(experiment, frames)
+    engine = MergingEngine(config.cell, config.space_group, MergingParameters(d_min=config.d_min))
+    assert len(engine.modes) == 2
+    for start in range(0, 2000, 250):
+        engine.add_frames(results[start : start + 250])
+    engine.rescale()
+    # A frame is consistent when its chosen mode composed with the indexer's operator lands in one coset for all.
+    point_group = reciprocal_space_operators(engine.space_group)
+    modes = engine.frame_modes()
+
+    def coset(matrix: np.ndarray) -> int:
+        for number, mode in enumerate(engine.modes):
+            if any(np.array_equal(matrix, mode @ p) for p in point_group):
+                return number
+        raise AssertionError(f"{matrix.tolist()} is not a lattice symmetry")
+
+    cosets = np.array(
+        [coset(engine.modes[modes[r.key]] @ t.indexing_operator) for r, t in zip(results, truths, strict=True)]
+    )
+    consistent = float(np.max(np.bincount(cosets)) / cosets.size)
+    truth = truth_by_asu(engine, experiment)
+    cc = best_setting_cc(engine, truth)
+
+    reference_results, _ = simulated_results(experiment, frames, true_setting=True)
+    reference = MergingEngine(
+        config.cell, config.space_group, MergingParameters(d_min=config.d_min, resolve_ambiguity=False)
+    )
+    reference.add_frames(reference_results)
+    reference.rescale()
+    reference_cc = merged_vs_truth(reference, truth)
+    fraction = engine.ambiguity_resolved_fraction()
+    print(f"consistent modes {consistent:.4f}, resolved fraction {fraction}, CC {cc:.4f} vs {reference_cc:.4f}")
+    assert consistent >= 0.98
+    assert fraction is not None and fraction >= 0.9
+    assert cc >= reference_cc - 0.02

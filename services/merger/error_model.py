@@ -39,11 +39,14 @@ def fit_error_model(
     n_bins: int = 20,
     clip_deviation: float = 8.0,
     fit_sdb: bool = False,
+    min_observations: int = 2000,
+    max_sdadd: float = 0.5,
 ) -> ErrorModel:
     """Fit the model to scaled observations (``asu_index`` per observation); identity when data are too few.
 
-    SDB stays 0 unless ``fit_sdb``: with counting statistics σ² is itself nearly proportional to I, so SDFAC and
-    SDB trade off against each other and the pair is poorly determined.
+    Fewer than ``min_observations`` observations of reflections measured ``min_multiplicity`` times leave the
+    model at identity: a young data set's scatter says little. SDB stays 0 unless ``fit_sdb``: with counting
+    statistics σ² is itself nearly proportional to I, so SDFAC and SDB trade off and are poorly determined.
     """
     count = np.bincount(asu_index, minlength=n_reflections).astype(float)
     total = np.bincount(asu_index, weights=intensity, minlength=n_reflections)
@@ -51,7 +54,7 @@ def fit_error_model(
         mean = total / count
     n = count[asu_index]
     use = (n >= min_multiplicity) & (sigma > 0)
-    if use.sum() < 50 * n_bins // 4:
+    if use.sum() < min_observations:
         return ErrorModel()
     deviation2 = (intensity[use] - mean[asu_index[use]]) ** 2 * n[use] / (n[use] - 1)
     mean_i = np.maximum(mean[asu_index[use]], 0.0)
@@ -83,4 +86,4 @@ def fit_error_model(
     a, c, d = (solution[0], solution[1], solution[2]) if fit_sdb else (solution[0], 0.0, solution[1])
     if a <= 0:
         return ErrorModel()
-    return ErrorModel(sdfac=float(np.sqrt(a)), sdb=float(np.sqrt(c / a)), sdadd=float(np.sqrt(d / a)))
+    return ErrorModel(sdfac=float(np.sqrt(a)), sdb=float(np.sqrt(c / a)), sdadd=float(min(np.sqrt(d / a), max_sdadd)))
