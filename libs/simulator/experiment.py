@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 
 import gemmi
 import numpy as np
@@ -196,47 +197,13 @@ class Experiment:
             divergence=config.divergence,
             polarization_fraction=config.polarization_fraction,
         )
-        self.detector: Detector
-        if config.detector == "jungfrau4m":
-            self.detector = jungfrau4m_detector(distance=config.distance, pixel_size=config.pixel_size)
-            asic: int | None = JUNGFRAU_ASIC
-        else:
-            self.detector = single_panel_detector(
-                distance=config.distance,
-                n_fast=SINGLE_PANEL_PIXELS,
-                n_slow=SINGLE_PANEL_PIXELS,
-                pixel_size=config.pixel_size,
-                beam_centre=(SINGLE_PANEL_PIXELS / 2 + 7.3, SINGLE_PANEL_PIXELS / 2 - 4.6),
-            )
-            asic = None
-        detector_rng = np.random.default_rng(np.random.SeedSequence([config.structure_seed, 0xDE7EC7]))
-        lab = self.detector.pixel_centre_lab()
-        self.mask, self._dead, self._hot = detector_mask(
-            self.detector,
-            lab,
-            config.beamstop_radius,
-            config.mask_module_edges,
-            asic,
-            config.dead_pixel_fraction,
-            config.hot_pixel_fraction,
-            detector_rng,
-        )
-        self._hot_index = np.flatnonzero(self._hot)
-        self._dead_index = np.flatnonzero(self._dead)
-        self._background = QuantisedPoisson(
-            background_template(
-                self.detector,
-                lab,
-                self.beam,
-                config.diffuse_background,
-                config.water_ring_photons,
-                config.water_ring_d,
-                config.water_ring_width,
-                config.beamstop_radius,
-            )
-        )
-        del lab
-        self._background_template = self._background.template()
+        self.detector: Detector = _make_detector(config)
+        asic = JUNGFRAU_ASIC if config.detector == "jungfrau4m" else None
+        maps = _detector_maps(config, asic)
+        self.mask = maps.valid.copy()
+        self._hot_index, self._dead_index = maps.hot_index, maps.dead_index
+        self._background = maps.background
+        self._background_template = maps.background_template
         self.intensities: IntensityTable = true_intensities(
             self.cell,
             self.space_group.xhm(),
@@ -478,6 +445,85 @@ class Experiment:
     def true_merged_intensities(self) -> tuple[np.ndarray, np.ndarray]:
         """(miller (n, 3) int in the gemmi reciprocal ASU, intensity (n,)) of the whole data set."""
         return self.intensities.asu_miller.copy(), self.intensities.asu_intensity.copy()
+
+
+@dataclass(frozen=True)
+class _DetectorMaps:
+    valid: np.ndarray
+    hot_index: np.ndarray
+    dead_index: np.ndarray
+    background: QuantisedPoisson
+    background_template: np.ndarray
+
+
+def _detector_maps(config: SimulationConfig, asic: int | None) -> _DetectorMaps:
+    """Mask, bad pixels and background model of a configuration (cached: they cost seconds for 4 Mpixels)."""
+    key = config.model_dump_json(
+        include={
+            "detector",
+            "distance",
+            "pixel_size",
+            "wavelength",
+            "polarization_fraction",
+            "structure_seed",
+            "beamstop_radius",
+            "mask_module_edges",
+            "dead_pixel_fraction",
+            "hot_pixel_fraction",
+            "diffuse_background",
+            "water_ring_photons",
+            "water_ring_d",
+            "water_ring_width",
+        }
+    )
+    return _detector_maps_cached(key, asic)
+
+
+@lru_cache(maxsize=2)
+def _detector_maps_cached(key: str, asic: int | None) -> _DetectorMaps:
+    config = SimulationConfig.model_validate_json(key)
+    experiment_detector = _make_detector(config)
+    beam = Beam(wavelength=config.wavelength, polarization_fraction=config.polarization_fraction)
+    lab = experiment_detector.pixel_centre_lab()
+    rng = np.random.default_rng(np.random.SeedSequence([config.structure_seed, 0xDE7EC7]))
+    valid, dead, hot = detector_mask(
+        experiment_detector,
+        lab,
+        config.beamstop_radius,
+        config.mask_module_edges,
+        asic,
+        config.dead_pixel_fraction,
+        config.hot_pixel_fraction,
+        rng,
+    )
+    background = QuantisedPoisson(
+        background_template(
+            experiment_detector,
+            lab,
+            beam,
+            config.diffuse_background,
+            config.water_ring_photons,
+            config.water_ring_d,
+            config.water_ring_width,
+            config.beamstop_radius,
+        )
+    )
+    valid.setflags(write=False)
+    template = background.template()
+    template.setflags(write=False)
+    return _DetectorMaps(valid, np.flatnonzero(hot), np.flatnonzero(dead), background, template)
+
+
+def _make_detector(config: SimulationConfig) -> Detector:
+    if config.detector == "jungfrau4m":
+        return jungfrau4m_detector(distance=config.distance, pixel_size=config.pixel_size)
+    return single_panel_detector(
+        distance=config.distance,
+        n_fast=SINGLE_PANEL_PIXELS,
+        n_slow=SINGLE_PANEL_PIXELS,
+        pixel_size=config.pixel_size,
+        beam_centre=(SINGLE_PANEL_PIXELS / 2 + 7.3, SINGLE_PANEL_PIXELS / 2 - 4.6),
+    )
 
 
 def _determinant(matrices: np.ndarray) -> np.ndarray:
