@@ -15,6 +15,8 @@ from libs.common.crystal import reciprocal_space_operators, unit_cell
 from libs.common.formats import open_run
 from libs.simulator import Experiment, FrameTruth, SimulationConfig
 from libs.simulator.files import read_reflection_run, read_truth, truth_path_for
+from libs.simulator.image import QuantisedPoisson
+from libs.simulator.physics import BeamModel, Crystals, line_search, predict, sigma_components
 from sfx.cli import main
 
 
@@ -313,3 +315,40 @@ def test_simulate_rejects_bad_input(
     assert status == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.nxs").exists()
+
+
+def test_background_poisson_sampler_is_exact() -> None:
+    # Three flat regions of different means, one frame level: counts must follow Poisson(λ) exactly.
+    template = np.concatenate([np.full(200_000, 0.37), np.full(200_000, 2.5), np.full(200_000, 7.91)])
+    sampler = QuantisedPoisson(template.reshape(1, 600, 1000))
+    counts = sampler.sample(1.3, np.random.default_rng(5)).ravel()
+    for region, mean in enumerate((0.37 * 1.3, 2.5 * 1.3, 7.91 * 1.3)):
+        values = counts[region * 200_000 : (region + 1) * 200_000]
+        k_max = int(mean + 6 * np.sqrt(mean) + 3)
+        observed = np.bincount(np.minimum(values, k_max), minlength=k_max + 1)
+        probability = stats.poisson.pmf(np.arange(k_max + 1), mean)
+        probability[-1] = stats.poisson.sf(k_max - 1, mean)
+        expected = probability * len(values)
+        enough = expected > 5
+        chi2 = np.sum((observed[enough] - expected[enough]) ** 2 / expected[enough])
+        assert stats.chi2.sf(chi2, enough.sum() - 1) > 1e-3, (region, chi2)
+
+
+def test_prediction_finds_every_reflection_near_the_ewald_sphere(experiment: Experiment) -> None:
+    crystals = experiment._crystals(range(30))
+    hit = np.flatnonzero(crystals.hit)[:5]
+    model = Crystals(A=crystals.A[hit], domain_size=crystals.domain_size[hit], mosaicity=crystals.mosaicity[hit])
+    beam = BeamModel(1.3, 0.0025, 1e-4, 0.99)
+    predicted = predict(model, beam, line_search(experiment.cell, 1.8), 1.8, 2000.0)
+    indices = np.stack(np.meshgrid(np.arange(-45, 46), np.arange(-45, 46), np.arange(-22, 23), indexing="ij"), -1)
+    indices = indices.reshape(-1, 3)
+    for j in range(len(hit)):
+        r = indices @ model.A[j].T
+        length = np.linalg.norm(r, axis=1)
+        epsilon = np.linalg.norm(r - np.array([0, 0, 1 / 1.3]), axis=1) - 1 / 1.3
+        sigma_r2, gradient, sigma_k = sigma_components(length, model.domain_size[j], model.mosaicity[j], beam)
+        sigma = np.sqrt(sigma_r2 + (gradient * sigma_k) ** 2)
+        near = (length > 0) & (length <= 1 / 1.8) & (np.abs(epsilon) <= 3 * sigma)
+        brute = {tuple(h) for h in indices[near]}
+        found = {tuple(h) for h in predicted.miller[predicted.frame == j]}
+        assert found == brute
