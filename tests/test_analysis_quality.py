@@ -96,9 +96,9 @@ def centre_valid(mask: np.ndarray, truth: Any) -> np.ndarray:
     return keep
 
 
-def evaluate(config: SimulationConfig, n_frames: int) -> Figures:
+def evaluate(config: SimulationConfig, n_frames: int, parameters: AnalysisParameters | None = None) -> Figures:
     experiment = Experiment(config)
-    parameters = AnalysisParameters()
+    parameters = parameters or AnalysisParameters()
     operators = lattice_operators(config.cell)
     figures = Figures()
     for index in range(n_frames):

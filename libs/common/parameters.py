@@ -87,7 +87,7 @@ class RefinementParameters(_Stage):
 
     refine_cell: bool = Field(True, description="Refine the cell, constrained to the space group's lattice system")
     delta_psi_sigma_degrees: float = Field(
-        0.1, gt=0, description="Weight of the Δψ residual: the expected spread of Δψ (degrees)"
+        0.1, gt=0, description="Initial mosaic spread (degrees) weighting Δψ, until the frame's own width is estimated"
     )
     position_sigma_mm: float = Field(0.05, gt=0, description="Weight of the position residual: expected error (mm)")
     outlier_sigmas: float = Field(4.0, gt=1, description="Reject spots whose normalised residual exceeds this")

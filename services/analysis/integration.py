@@ -64,15 +64,19 @@ class IntegratedReflections:
 
 
 @lru_cache(maxsize=8)
-def _miller_grid(cell: tuple[float, ...], d_min: float) -> np.ndarray:
-    """All Miller indices h ≠ 0 with d(h) ≥ d_min for the cell (cells vary little within a run: cache by cell)."""
+def _miller_grid(cell: tuple[float, ...], d_min: float) -> tuple[np.ndarray, np.ndarray]:
+    """All Miller indices h ≠ 0 with d(h) ≥ d_min (as floats) and their |B·h|², which no rotation changes.
+
+    Cells vary little within a run, so the grid is cached by (rounded) cell.
+    """
     B = b_matrix(cell)
     real = np.linalg.inv(B)
     limits = [int(np.ceil(np.linalg.norm(axis) / d_min)) for axis in real]
-    grids = np.meshgrid(*[np.arange(-n, n + 1, dtype=np.int16) for n in limits], indexing="ij")
+    grids = np.meshgrid(*[np.arange(-n, n + 1, dtype=np.float64) for n in limits], indexing="ij")
     h = np.stack([g.ravel() for g in grids], axis=1)
-    length = np.linalg.norm(h @ B.T, axis=1)
-    return h[(length > 0) & (length <= 1.0 / d_min)]
+    length_sq = np.einsum("ij,ij->i", h @ B.T, h @ B.T)
+    keep = (length_sq > 0) & (length_sq <= 1.0 / d_min**2)
+    return h[keep], length_sq[keep]
 
 
 def detector_d_min(detector: Detector, beam: Beam) -> float:
@@ -98,22 +102,31 @@ def predict(
     """Reflections of the lattice A near the Ewald sphere that land on the detector."""
     d_min = max(parameters.d_min or 0.0, detector_d_min(detector, beam))
     # The grid comes from a rounded cell so that frames of one run share it; pad it slightly for cell variation.
-    h = _miller_grid(tuple(round(x, 1) for x in cell_for_grid), round(d_min * 0.98, 2))
-    r = h @ np.asarray(A).T
+    h_all, length_sq_grid = _miller_grid(tuple(round(x, 1) for x in cell_for_grid), round(d_min * 0.98, 2))
+    A = np.asarray(A)
     s0 = beam.s0
+    wavenumber = float(np.linalg.norm(s0))
+    # Cheap screen with one dot product per h: |r + s0|² - |s0|² = |r|² + 2 r·s0 ≈ 2|s0|·ε near the sphere, with
+    # |r|² taken from the grid's cell (a generous margin covers the refined cell's small difference).
+    along_beam = h_all @ (A.T @ s0)
+    approximate = (length_sq_grid + 2.0 * along_beam) / (2.0 * wavenumber)
+    widest = parameters.excitation_width_factor * float(width.sigma(np.array(1.0 / d_min)))
+    # |r|² of the true cell differs from the grid's by 2·(relative cell difference)·|r|²: allow 1.5 %.
+    h = h_all[np.abs(approximate) <= widest + 0.015 * length_sq_grid / wavenumber]
+    r = h @ A.T
     epsilon = excitation_error(r, s0)
     length = np.linalg.norm(r, axis=1)
     sigma = width.sigma(length)
-    near = np.abs(epsilon) <= parameters.excitation_width_factor * sigma
+    near = (np.abs(epsilon) <= parameters.excitation_width_factor * sigma) & (length <= 1.0 / d_min)
     h, r, epsilon, length, sigma = h[near], r[near], epsilon[near], length[near], sigma[near]
     partiality = np.exp(-0.5 * (epsilon / sigma) ** 2)
-    enough = (partiality >= parameters.min_partiality) & (length <= 1.0 / d_min)
+    enough = partiality >= parameters.min_partiality
     h, r, epsilon, length, partiality = h[enough], r[enough], epsilon[enough], length[enough], partiality[enough]
     projected, _ = ewald_projection(r, s0)
     panel, fast, slow = detector.ray_to_pixel(projected + s0)
     on = panel >= 0
     return Predictions(
-        miller=h[on].astype(int),
+        miller=np.rint(h[on]).astype(int),
         panel=panel[on],
         fast=fast[on],
         slow=slow[on],
@@ -212,9 +225,11 @@ def _fit_planes(
 
 
 def _solve_planes(pixels: np.ndarray, dx: np.ndarray, dy: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    basis = np.stack([np.ones_like(dx), dx, dy], axis=-1)  # (n, s, s, 3)
-    normal = np.einsum("nijk,nijl,nij->nkl", basis, basis, weight)
-    rhs = np.einsum("nijk,nij,nij->nk", basis, weight, pixels)
+    """Weighted least-squares plane coefficients (n, 3) from the normal equations' moments."""
+    wx, wy = weight * dx, weight * dy
+    moments = [weight, wx, wy, wx * dx, wx * dy, wy * dy, weight * pixels, wx * pixels, wy * pixels]
+    w, x, y, xx, xy, yy, p, px, py = (m.sum(axis=(1, 2)) for m in moments)
+    normal = np.stack([np.stack([w, x, y], -1), np.stack([x, xx, xy], -1), np.stack([y, xy, yy], -1)], -2)
     # A tiny ridge keeps patches with a degenerate background solvable; they are flagged NO_BACKGROUND anyway.
     normal += np.eye(3) * 1e-6
-    return np.linalg.solve(normal, rhs[..., None])[..., 0]
+    return np.linalg.solve(normal, np.stack([p, px, py], -1)[..., None])[..., 0]
