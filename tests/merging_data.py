@@ -40,8 +40,8 @@ def frame_result(
         finished_at=0.0,
         hit=True,
         indexed=True,
-        A=tuple(tuple(float(v) for v in row) for row in A),  # type: ignore[arg-type]
-        cell=tuple(float(v) for v in cell),  # type: ignore[arg-type]
+        A=tuple(tuple(float(v) for v in row) for row in A),
+        cell=tuple(float(v) for v in cell),
         reflections=table,
     )
 
@@ -115,8 +115,8 @@ def simulated_results(
                 finished_at=0.0,
                 hit=True,
                 indexed=True,
-                A=tuple(tuple(float(v) for v in row) for row in truth.indexed_A),  # type: ignore[arg-type]
-                cell=tuple(float(v) for v in truth.cell),  # type: ignore[arg-type]
+                A=tuple(tuple(float(v) for v in row) for row in truth.indexed_A),
+                cell=tuple(float(v) for v in truth.cell),
                 reflections=table,
             )
         )

@@ -148,7 +148,7 @@ def test_bad_frames_are_rejected_with_reasons_and_do_not_poison_the_merge() -> N
     def garbage(source: ReflectionTable | None) -> ReflectionTable:
         """A frame of noise where a real one predicted reflections."""
         assert source is not None
-        noise = rng.exponential(2000.0, source.miller.shape[0])
+        noise = np.asarray(rng.exponential(2000.0, source.miller.shape[0]))
         return ReflectionTable.from_columns(source.miller, noise, source.sigma, source.partiality)
 
     empty = ReflectionTable.from_columns(np.zeros((0, 3)), np.zeros(0), np.zeros(0), np.zeros(0))

@@ -11,7 +11,6 @@ Every frame is identified by (run, trial, frame index) and counted once, whateve
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -65,7 +64,7 @@ class MergingParameters(BaseModel):
     bootstrap_frames: int = Field(100, ge=2, description="Frames merged unscaled before the first full scaling")
     auto_rescale_until: int = Field(5000, ge=0, description="Re-scale fully each time the frame count doubles, up to")
     scale_iterations: int = Field(3, ge=1)
-    half_set_seed: int = Field(0, description="Seed of the frame half-set assignment for CC1/2 and Rsplit")
+    half_set_seed: int = Field(0, description="Seed of the half-set assignment for CC1/2 and Rsplit")
 
 
 @dataclass(frozen=True)
@@ -112,11 +111,6 @@ class UnmergedObservations:
 
 class InputError(ValueError):
     """A frame that cannot enter the merge; the message names the frame and the defect."""
-
-
-def half_set_of(key: FrameKey, seed: int) -> int:
-    run, trial, index = key
-    return zlib.crc32(f"{seed}:{run}:{trial}:{index}".encode()) & 1
 
 
 class _Observations:
@@ -167,7 +161,7 @@ class MergingEngine:
         modes = reindexing_modes(self.cell, self.space_group)
         self.modes = modes if self.parameters.resolve_ambiguity else modes[:1]
         self.error_model = ErrorModel()
-        self.sums = ReflectionSums(self.mapper.size)
+        self.sums = ReflectionSums(self.mapper.size, self.parameters.half_set_seed)
         self._observations = _Observations(len(self.modes))
         self._index_of: dict[FrameKey, int] = {}
         self._keys: list[FrameKey] = []
@@ -178,7 +172,6 @@ class MergingEngine:
             "scale": np.zeros(0),
             "b": np.zeros(0),
             "mode": np.zeros(0, np.int8),
-            "half": np.zeros(0, np.int8),
             "cc": np.zeros(0),
             "active": np.zeros(0, bool),
             "resolved": np.zeros(0, bool),
@@ -298,14 +291,12 @@ class MergingEngine:
             self._index_of[key] = first_frame + offset
             self._keys.append(key)
         n = len(prepared)
-        halves = np.array([half_set_of(key, self.parameters.half_set_seed) for key, _ in prepared], dtype=np.int8)
         new = {
             "start": starts,
             "stop": starts + sizes,
             "scale": np.ones(n),
             "b": np.zeros(n),
             "mode": np.zeros(n, np.int8),
-            "half": halves,
             "cc": np.full(n, np.nan),
             "active": np.ones(n, bool),
             "resolved": np.zeros(n, bool),
@@ -326,8 +317,7 @@ class MergingEngine:
     def _add_unscaled(self, batch: dict[str, np.ndarray]) -> None:
         intensity = batch["intensity"] / batch["partiality"]
         sigma = batch["sigma"] / batch["partiality"]
-        half = self._frame_arrays["half"][batch["frame"]]
-        self.sums.add(batch["asu"][:, 0], half, intensity, sigma)
+        self.sums.add(batch["asu"][:, 0], intensity, sigma)
 
     def _stream(self, batch: dict[str, np.ndarray], first_frame: int, n_frames: int) -> None:
         """Mode, scale, rejection and sums for newly arrived frames, against the current merge."""
@@ -378,7 +368,7 @@ class MergingEngine:
         outlier = (count >= 3) & (np.abs(z) > p.outlier_z)
         batch["outlier"][:] = outlier
         use = ~bad[local] & ~outlier & np.isfinite(intensity) & np.isfinite(sigma) & (sigma > 0)
-        self.sums.add(asu[use], frames["half"][batch["frame"][use]], intensity[use], sigma[use])
+        self.sums.add(asu[use], intensity[use], sigma[use])
 
     def _poorly_correlated(self, cc: np.ndarray, pairs: np.ndarray) -> np.ndarray:
         """Frames that can be judged and correlate too little, or not significantly, with the merge."""
@@ -447,10 +437,10 @@ class MergingEngine:
             correction = scale_correction(inv_d2, scale[frame], b_factor[frame]) * partiality
             scaled = intensity / correction
             use = active[frame] & ~outlier
-            sums = ReflectionSums(self.mapper.size)
+            sums = ReflectionSums(self.mapper.size, self.parameters.half_set_seed)
             mean_now = self._mean_by_reflection(asu[use], scaled[use])
             sigma = error_model.inflate(raw_sigma / correction, mean_now[asu])
-            sums.add(asu[use], frames["half"][frame[use]], scaled[use], sigma[use])
+            sums.add(asu[use], scaled[use], sigma[use])
             if iteration == p.scale_iterations:
                 break
             reference, reference_sigma = sums.merged()

@@ -1,42 +1,52 @@
 """Merging statistics from running per-reflection sums: a refresh never touches individual observations.
 
-Half data sets are whole frames (each frame is assigned to half 0 or 1 by a fixed-seed hash of its identity), so
-CC1/2 and Rsplit compare two independent merges as SFX practice does.
+CC1/2 and Rsplit compare two half data sets drawn per reflection (see ReflectionSums).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from libs.common.messages import ShellStatistics
 
 
-@dataclass
 class ReflectionSums:
-    """Running sums per ASU reflection: count, Σw and Σw·I in total and for each half (w = 1/σ²)."""
+    """Running sums per ASU reflection: count, Σw and Σw·I in total and for each half set (w = 1/σ²).
 
-    size: int
-    count: np.ndarray = field(init=False)
-    half_w: np.ndarray = field(init=False)
-    half_wi: np.ndarray = field(init=False)
+    Half sets are balanced per reflection, as cctbx draws them: a reflection's observations alternate between
+    the halves in the order they arrive, starting from a random half (fixed seed), so that n observations split
+    as evenly as n allows. Unbalanced splits would make CC1/2 depend on luck at low multiplicity.
+    """
 
-    def __post_init__(self) -> None:
-        self.count = np.zeros(self.size, dtype=np.int64)
-        self.half_w = np.zeros((2, self.size))
-        self.half_wi = np.zeros((2, self.size))
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size = size
+        self.count = np.zeros(size, dtype=np.int64)
+        self.half_w = np.zeros((2, size))
+        self.half_wi = np.zeros((2, size))
+        self._first_half = np.random.default_rng(seed).integers(0, 2, size)
 
-    def add(
-        self, asu_index: np.ndarray, half: np.ndarray, intensity: np.ndarray, sigma: np.ndarray, sign: int = 1
-    ) -> None:
-        """Add (sign 1) or remove (sign -1) observations."""
+    def halves(self, asu_index: np.ndarray) -> np.ndarray:
+        """Half set (0 or 1) of observations about to be added, in their order."""
+        order = np.argsort(asu_index, kind="stable")
+        ordered = asu_index[order]
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        group_start = np.repeat(starts, np.diff(np.r_[starts, ordered.size]))
+        rank = np.arange(ordered.size) - group_start
+        half = np.empty(asu_index.size, dtype=np.int64)
+        half[order] = (self.count[ordered] + rank + self._first_half[ordered]) % 2
+        return half
+
+    def add(self, asu_index: np.ndarray, intensity: np.ndarray, sigma: np.ndarray) -> None:
+        """Add observations (scaled intensity and its sigma)."""
+        half = self.halves(asu_index)
         weight = 1.0 / sigma.astype(float) ** 2
-        self.count += sign * np.bincount(asu_index, minlength=self.size)
+        self.count += np.bincount(asu_index, minlength=self.size)
         for h in (0, 1):
             chosen = half == h
-            self.half_w[h] += sign * np.bincount(asu_index[chosen], weights=weight[chosen], minlength=self.size)
-            self.half_wi[h] += sign * np.bincount(
+            self.half_w[h] += np.bincount(asu_index[chosen], weights=weight[chosen], minlength=self.size)
+            self.half_wi[h] += np.bincount(
                 asu_index[chosen], weights=weight[chosen] * intensity[chosen], minlength=self.size
             )
 
