@@ -59,6 +59,12 @@ class SimulationConfig(BaseModel):
     saturation: int = Field(10_000, gt=0, description="Largest value a pixel records, ADU (overloads are clipped)")
     dead_pixel_fraction: float = Field(2e-4, ge=0, le=0.1, description="Pixels reading 0, masked")
     hot_pixel_fraction: float = Field(5e-5, ge=0, le=0.1, description="Pixels reading garbage, masked")
+    flickering_pixel_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=0.01,
+        description="Pixels the mask misses that now and then (1 frame in 20) read tens to hundreds of counts",
+    )
     mask_module_edges: bool = Field(True, description="Mask module borders and Jungfrau ASIC boundaries")
     beamstop_radius: float = Field(2.5, ge=0, lt=50, description="Radius of the masked beam-stop shadow, mm")
     spot_sigma_pixels: float = Field(0.6, gt=0.1, lt=10, description="σ of the spot profile without beam effects")

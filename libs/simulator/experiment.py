@@ -35,6 +35,7 @@ CRYSTAL_STREAM, IMAGE_STREAM, REFLECTION_STREAM = 0, 1, 2
 JUNGFRAU_ASIC = 256
 SINGLE_PANEL_PIXELS = 2048
 HOT_PIXEL_FRACTIONS = (0.2, 1.0)  # hot pixels read between these fractions of saturation
+FLICKER_PROBABILITY, FLICKER_COUNTS = 0.05, (20, 400)  # an unmasked bad pixel fires in 5 % of frames
 
 
 @dataclass
@@ -202,6 +203,11 @@ class Experiment:
         maps = _detector_maps(config, asic)
         self.mask = maps.valid.copy()
         self._hot_index, self._dead_index = maps.hot_index, maps.dead_index
+        flicker_rng = np.random.default_rng(np.random.SeedSequence([config.structure_seed, 0xF11C]))
+        valid_index = np.flatnonzero(self.mask)
+        self._flickering_index = flicker_rng.choice(
+            valid_index, size=round(valid_index.size * config.flickering_pixel_fraction), replace=False
+        )
         self._background = maps.background
         self._background_template = maps.background_template
         self.intensities: IntensityTable = true_intensities(
@@ -378,6 +384,9 @@ class Experiment:
         flat[self._dead_index] = 0
         low, high = (round(c.saturation * f) for f in HOT_PIXEL_FRACTIONS)
         flat[self._hot_index] = rng.integers(low, high + 1, size=self._hot_index.size, dtype=np.int32)
+        if self._flickering_index.size:
+            firing = self._flickering_index[rng.random(self._flickering_index.size) < FLICKER_PROBABILITY]
+            flat[firing] += rng.integers(*FLICKER_COUNTS, size=firing.size, dtype=np.int32)
         return SimulatedFrame(index=index, image=counts, truth=truth)
 
     def reflection_batch(self, indices: Sequence[int]) -> ReflectionBatch:
