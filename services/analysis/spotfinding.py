@@ -118,21 +118,22 @@ class SpotFinder:
         self._windows = sliding_window_view(self._padded, (self.window, self.window), axis=(1, 2))
 
     def _valid_count(self, valid: np.ndarray) -> np.ndarray:
-        count = self._box_sum(valid.astype(np.float32))
+        k = self.k
+        self._padded[:, k:-k, k:-k] = valid
+        count = self._box_sum_of_padded()
         np.rint(count, out=count)
         return count
 
-    def _box_sum(self, values: np.ndarray) -> np.ndarray:
-        """Window sums within each panel (zero beyond its edges), float32 (n_panels, n_slow, n_fast)."""
+    def _box_sum_of_padded(self) -> np.ndarray:
+        """Window sums of the padded buffer's interior, within each panel, float32 (n_panels, n_slow, n_fast).
+
+        Along fast a running filter over whole padded rows (contiguous); along slow, sums of shifted row blocks
+        built by doubling (a strided filter along that axis is several times slower).
+        """
         k, size = self.k, self.window
-        rows = ndimage.uniform_filter1d(values, size, axis=2, mode="constant", cval=0.0)
-        rows *= np.float32(size)
-        # Along slow: shifted additions of contiguous row blocks (a strided filter along that axis is much slower).
-        sums = rows.copy()
-        for shift in range(1, k + 1):
-            sums[:, shift:] += rows[:, :-shift]
-            sums[:, :-shift] += rows[:, shift:]
-        return sums
+        rows = ndimage.uniform_filter1d(self._padded, size, axis=2, mode="constant", cval=0.0)
+        total = _running_sum_along_slow(rows, size)
+        return np.multiply(total[:, :, k:-k], np.float32(size))
 
     def strong_pixels(self, image: np.ndarray) -> np.ndarray:
         """Flat indices (sorted) of the strong pixels of ``image`` (n_panels, n_slow, n_fast)."""
@@ -144,8 +145,9 @@ class SpotFinder:
             # Saturated pixels leave every window they belong to, exactly like masked ones.
             mask_f = (self.mask & (image < p.overload)).astype(np.float32)
             count = self._valid_count(mask_f)
-        data = np.multiply(image, mask_f, dtype=np.float32)
-        sums = self._box_sum(data)
+        data = self._padded[:, k:-k, k:-k]
+        np.multiply(image, mask_f, out=data, dtype=np.float32)
+        sums = self._box_sum_of_padded()
         gain = self.gain_map if self.gain_map is not None else np.float32(p.gain)
         # Strength, I - S/m > σ_s·sqrt(gain·S/m), rearranged without division: (m·I - S)² > σ_s²·gain·S·m with
         # m·I > S. The square form is evaluated everywhere (few full-frame passes); the sign, S > 0 and the
@@ -166,7 +168,6 @@ class SpotFinder:
         if flat.size == 0:
             return flat
         # Dispersion only where the pixel is strong enough: window sums of squares gathered at the candidates.
-        self._padded[:, k:-k, k:-k] = data
         panel, slow, fast = np.unravel_index(flat, self.shape)
         window_values = self._windows[panel, slow, fast]  # (n, 2k+1, 2k+1) gathered from a strided view
         sum_sq = np.einsum("ijk,ijk->i", window_values, window_values, dtype=np.float64)
@@ -234,6 +235,26 @@ class SpotFinder:
             d_spacing=d_spacing,
         ).select(in_range)
         return SpotfindingResult(spots, flat)
+
+
+def _running_sum_along_slow(values: np.ndarray, size: int) -> np.ndarray:
+    """Sums of ``size`` consecutive rows (axis 1): output row i is rows i .. i+size-1, by binary doubling."""
+    n_out = values.shape[1] - size + 1
+    result: np.ndarray | None = None
+    offset = 0
+    block, width = values, 1
+    remaining = size
+    while remaining:
+        if remaining & 1:
+            part = block[:, offset : offset + n_out]
+            result = part.copy() if result is None else np.add(result, part, out=result)
+            offset += width
+        remaining >>= 1
+        if remaining:
+            block = block[:, :-width] + block[:, width:]
+            width *= 2
+    assert result is not None
+    return result
 
 
 def find_spots(
