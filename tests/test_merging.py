@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import gemmi
 import numpy as np
 import pytest
 
 from libs.common.crystal import reciprocal_space_operators, space_group
-from libs.common.messages import ReflectionTable
+from libs.common.messages import FrameResult, ReflectionTable, decode_message
 from libs.simulator import Experiment, SimulationConfig
 from services.merger.ambiguity import reindexing_modes
 from services.merger.asu import AsuMapper
@@ -17,6 +19,7 @@ from services.merger.engine import MergingEngine, MergingParameters
 from services.merger.error_model import fit_error_model
 from services.merger.french_wilson import french_wilson
 from services.merger.statistics import format_table
+from sfx.cli import main
 from tests.merging_data import frame_result, simulated_results, synthetic_run
 
 TETRAGONAL = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)
@@ -291,3 +294,65 @@ def test_ambiguous_space_group_frames_get_consistent_modes() -> None:
     assert consistent >= 0.98
     assert fraction is not None and fraction >= 0.9
     assert cc >= reference_cc - 0.02
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The whole chain: simulated images → real per-frame analysis → merge (sfx process), then sfx merge again
+
+
+def test_sfx_process_merges_what_the_per_frame_analysis_found(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_file = tmp_path / "run.nxs"
+    simulate = [
+        "simulate", "--out", str(run_file), "--frames", "24", "--hit-fraction", "1.0", "--seed", "31",
+        "--compression", "bitshuffle-lz4",
+    ]  # fmt: skip
+    assert main(simulate) == 0
+    out = tmp_path / "processed"
+    cell = "79.1 79.1 38.0 90 90 90"
+    status = main(
+        ["process", str(run_file), "--cell", cell, "--space-group", "P 43 21 2", "--out", str(out), "--nproc", "2"]
+    )
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert "CC1/2" in printed and "suggested resolution" in printed
+
+    lines = (out / "frames.jsonl").read_text().splitlines()
+    results = [decode_message(line, FrameResult) for line in lines]
+    assert [r.frame_index for r in results] == list(range(24))
+    indexed = [r for r in results if r.indexed]
+    assert len(indexed) >= 20
+    assert all(r.A is not None and r.cell is not None and r.timings and r.reflections is not None for r in indexed)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frames"]["frames"] == 24
+    assert len(summary["merge"]["shells"]) == 10
+    assert summary["frames_merged"] >= 18
+
+    # The merged intensities follow the simulator's truth.
+    experiment = Experiment(SimulationConfig(seed=31, hit_fraction=1.0))
+    true_miller, true_intensity = experiment.true_merged_intensities()
+    truth = {tuple(int(v) for v in h): i for h, i in zip(true_miller, true_intensity, strict=True)}
+    mtz = gemmi.read_mtz_file(str(out / "merged.mtz"))
+    data = np.asarray(mtz.array)
+    pairs = np.array([(row[3], truth[key]) for row in data if (key := tuple(int(v) for v in row[:3])) in truth])
+    cc = float(np.corrcoef(pairs[:, 0], pairs[:, 1])[0, 1])
+    with capsys.disabled():
+        print(f"real analysis of 24 frames: CC of merged to true intensities {cc:.3f} over {len(pairs)} reflections")
+    assert cc > 0.6
+
+    # sfx merge re-merges the saved results into the same reflections.
+    again = tmp_path / "again"
+    assert (
+        main(["merge", str(out / "frames.jsonl"), "--cell", cell, "--space-group", "P 43 21 2", "--out", str(again)])
+        == 0
+    )
+    assert gemmi.read_mtz_file(str(again / "merged.mtz")).nreflections == mtz.nreflections
+
+    # A damaged results file is refused with its file and line.
+    damaged = tmp_path / "damaged.jsonl"
+    damaged.write_text(lines[0] + "\n" + lines[1].replace('"frame_index":1', '"frame_index":-1') + "\n")
+    capsys.readouterr()
+    assert main(["merge", str(damaged), "--cell", cell, "--space-group", "P 43 21 2", "--out", str(again)]) == 2
+    assert f"{damaged}:2" in capsys.readouterr().err
