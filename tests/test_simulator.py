@@ -352,3 +352,19 @@ def test_prediction_finds_every_reflection_near_the_ewald_sphere(experiment: Exp
         brute = {tuple(h) for h in indices[near]}
         found = {tuple(h) for h in predicted.miller[predicted.frame == j]}
         assert found == brute
+
+
+def test_optional_second_lattice_adds_its_spots_only_to_the_image() -> None:
+    one = Experiment(SimulationConfig(seed=9, hit_fraction=1.0))
+    two = Experiment(SimulationConfig(seed=9, hit_fraction=1.0, second_lattice_fraction=1.0))
+    single, double = one.frame(4), two.frame(4)
+    assert single.truth.other_lattices == [] and len(double.truth.other_lattices) == 1
+    second_A = double.truth.other_lattices[0]
+    assert abs(np.linalg.det(second_A)) == pytest.approx(abs(np.linalg.det(np.asarray(double.truth.A))), rel=0.02)
+    assert np.array_equal(single.truth.miller, double.truth.miller)  # the reflection truth is the first crystal's
+    columns = two._second_lattice(4, two.truth(4))
+    assert columns is not None
+    valid = two.mask & (double.image < two.config.saturation) & (single.image < one.config.saturation)
+    excess = double.image[valid].astype(float).sum() - single.image[valid].astype(float).sum()
+    expected = columns["expected_counts"].sum()
+    assert excess == pytest.approx(expected, rel=0.1, abs=5 * np.sqrt(expected))

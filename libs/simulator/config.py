@@ -43,6 +43,16 @@ class SimulationConfig(BaseModel):
     domain_size_log_sigma: float = Field(0.3, ge=0, le=2)
     mosaicity_deg: float = Field(0.05, ge=0, lt=5, description="Median full mosaic spread (FWHM), degrees")
     mosaicity_log_sigma: float = Field(0.3, ge=0, le=2)
+    second_lattice_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Fraction of hit images with a second, randomly oriented crystal (its A is in the truth's "
+        "other_lattices; its spots are not in the reflection arrays, and the reflection-level mode ignores it)",
+    )
+    second_lattice_scale: float = Field(
+        0.3, gt=0, le=1, description="Median scale of a second crystal relative to the first"
+    )
 
     # Beam
     wavelength: float = Field(1.3, gt=0.3, lt=5.0, description="Å")

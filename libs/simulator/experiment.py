@@ -31,7 +31,7 @@ from libs.simulator.physics import (
 )
 from libs.simulator.structure import IntensityTable, true_intensities
 
-CRYSTAL_STREAM, IMAGE_STREAM, REFLECTION_STREAM = 0, 1, 2
+CRYSTAL_STREAM, IMAGE_STREAM, REFLECTION_STREAM, SECOND_LATTICE_STREAM = 0, 1, 2, 3
 JUNGFRAU_ASIC = 256
 SINGLE_PANEL_PIXELS = 2048
 HOT_PIXEL_FRACTIONS = (0.2, 1.0)  # hot pixels read between these fractions of saturation
@@ -73,6 +73,7 @@ class FrameTruth:
     fraction_valid: np.ndarray = field(default_factory=lambda: np.zeros(0))
     background_per_pixel: np.ndarray = field(default_factory=lambda: np.zeros(0))
     overloaded: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    other_lattices: list[np.ndarray] = field(default_factory=list)  # A of further crystals on the frame (images)
 
     REFLECTION_FIELDS = (
         "miller",
@@ -271,11 +272,28 @@ class Experiment:
         offsets = np.zeros(len(indices) + 1, dtype=np.int64)
         if not len(hit_index):
             return _Batch(list(indices), crystals, offsets, _empty_columns())
-        model = Crystals(
-            A=crystals.A[hit_index],
-            domain_size=crystals.domain_size[hit_index],
-            mosaicity=crystals.mosaicity[hit_index],
+        row_crystal, columns = self._spot_columns(
+            crystals.A[hit_index],
+            crystals.domain_size[hit_index],
+            crystals.mosaicity[hit_index],
+            crystals.scale[hit_index],
+            crystals.b_factor[hit_index],
+            crystals.background_level[hit_index],
         )
+        offsets[1:] = np.cumsum(np.bincount(hit_index[row_crystal], minlength=len(indices)))
+        return _Batch(list(indices), crystals, offsets, columns)
+
+    def _spot_columns(
+        self,
+        A: np.ndarray,
+        domain_size: np.ndarray,
+        mosaicity: np.ndarray,
+        scale: np.ndarray,
+        b_factor: np.ndarray,
+        background_level: np.ndarray,
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(crystal of each row, truth columns) of the spots on the detector of crystals given as arrays (F, ...)."""
+        model = Crystals(A=A, domain_size=domain_size, mosaicity=mosaicity)
         predicted = predict(model, self._beam_model, self._lines, self.config.d_min, self.config.domain_size)
         intensity = self.intensities.intensity(predicted.miller)
         present = np.flatnonzero(intensity > 0)
@@ -285,16 +303,19 @@ class Experiment:
         )
         on = predicted.select(spots.index)
         intensity = intensity[spots.index]
-        frame = hit_index[on.frame]
-        scale, b_factor = crystals.scale[frame], crystals.b_factor[frame]
-        level = crystals.background_level[frame]
+        crystal = on.frame
         polarisation = polarisation_factor(on.s1, self.config.polarization_fraction)
         expected = (
-            scale * np.exp(-b_factor / (2.0 * on.d_spacing**2)) * on.partiality * on.lorentz * polarisation * intensity
+            scale[crystal]
+            * np.exp(-b_factor[crystal] / (2.0 * on.d_spacing**2))
+            * on.partiality
+            * on.lorentz
+            * polarisation
+            * intensity
         )
         slow_pixel = np.clip(spots.slow.astype(np.int64), 0, self.mask.shape[1] - 1)
         fast_pixel = np.clip(spots.fast.astype(np.int64), 0, self.mask.shape[2] - 1)
-        background = self._background_template[spots.panel, slow_pixel, fast_pixel] * level
+        background = self._background_template[spots.panel, slow_pixel, fast_pixel] * background_level[crystal]
         columns = {
             "miller": on.miller,
             "intensity_true": intensity,
@@ -313,8 +334,31 @@ class Experiment:
             "background_per_pixel": background,
             "overloaded": np.zeros(len(expected), dtype=bool),
         }
-        offsets[1:] = np.cumsum(np.bincount(frame, minlength=len(indices)))
-        return _Batch(list(indices), crystals, offsets, columns)
+        return crystal, columns
+
+    def _second_lattice(self, index: int, truth: FrameTruth) -> dict[str, np.ndarray] | None:
+        """Spots of a second, weaker crystal on hit ``index`` (only when ``second_lattice_fraction`` > 0)."""
+        c = self.config
+        if not truth.hit or c.second_lattice_fraction <= 0:
+            return None
+        rng = self._rng(index, SECOND_LATTICE_STREAM)
+        if rng.random() >= c.second_lattice_fraction:
+            return None
+        quaternion = rng.normal(size=4)
+        U = quaternion_to_matrix(quaternion / np.linalg.norm(quaternion))
+        stretch = 1.0 + c.cell_sigma_fraction * rng.normal(size=3)[self._tied_edges]
+        A = U @ (self._b_matrix / stretch[None, :])
+        scale = truth.scale * c.second_lattice_scale * np.exp(0.3 * rng.normal())
+        truth.other_lattices = [A]
+        _, columns = self._spot_columns(
+            A[None],
+            np.array([truth.domain_size]),
+            np.array([np.radians(truth.mosaicity_deg)]),
+            np.array([scale]),
+            np.array([truth.b_factor]),
+            np.array([truth.background_level]),
+        )
+        return columns
 
     def _truth_of(self, batch: _Batch, j: int) -> FrameTruth:
         crystals = batch.crystals
@@ -334,7 +378,7 @@ class Experiment:
             mosaicity_deg=float(np.degrees(crystals.mosaicity[j])),
             background_level=float(crystals.background_level[j]),
             indexing_operator=np.asarray(crystals.indexing_operator[j], dtype=np.int64),
-            **{name: column[rows] for name, column in batch.columns.items()},
+            **{name: column[rows] for name, column in batch.columns.items()},  # type: ignore[arg-type]
         )
 
     # ----------------------------------------------------------------- public API
@@ -370,6 +414,17 @@ class Experiment:
             rendered = render_spots(spots, truth.expected_counts, self.mask)
             truth.fraction_valid = rendered.fraction_valid
             np.add.at(flat, rendered.flat_index, rng.poisson(rendered.expected).astype(np.int32))
+            second = self._second_lattice(index, truth)
+            if second is not None and len(second["panel"]):
+                other = DetectorSpots(
+                    index=np.arange(len(second["panel"])),
+                    panel=second["panel"],
+                    fast=second["fast"],
+                    slow=second["slow"],
+                    covariance=second["profile_covariance"],
+                )
+                extra = render_spots(other, second["expected_counts"], self.mask)
+                np.add.at(flat, extra.flat_index, rng.poisson(extra.expected).astype(np.int32))
         if c.gain != 1.0 or c.readout_noise > 0:
             values = flat * c.gain
             if c.readout_noise > 0:

@@ -69,6 +69,7 @@ class TruthWriter:
                 "background_level": np.array([truth.background_level]),
                 "indexing_operator": truth.indexing_operator[None].astype(np.int8),
                 "reflection_count": np.array([len(truth)], dtype=np.int64),
+                "second_A": (truth.other_lattices[0] if truth.other_lattices else nan3)[None],
             }
         )
         self._reflection_chunks.append({name: getattr(truth, name) for name in self.reflection_fields})
@@ -98,6 +99,7 @@ class TruthWriter:
                 "background_level": crystals.background_level,
                 "indexing_operator": crystals.indexing_operator.astype(np.int8),
                 "reflection_count": np.diff(batch.offsets),
+                "second_A": np.full((len(hit), 3, 3), np.nan),
             }
         )
         self._reflection_chunks.append({name: batch.batch.columns[name] for name in self.reflection_fields})
@@ -222,6 +224,9 @@ class RunTruth:
                 "U": self.frames["U"][i],
                 "cell": tuple(float(v) for v in self.frames["cell"][i]),
             }
+        second = self.frames.get("second_A")
+        if second is not None and np.isfinite(second[i]).all():
+            values["other_lattices"] = [second[i]]
         for name, column in self.reflections.items():
             values[name] = column[rows].astype(np.int64) if name in ("miller", "panel") else column[rows]
         return FrameTruth(**values)
