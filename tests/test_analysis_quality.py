@@ -30,6 +30,7 @@ import pytest
 
 from libs.common.crystal import lattice_operators, misorientation_degrees
 from libs.common.formats import open_run_writer
+from libs.common.messages import FrameResult, decode_message
 from libs.common.parameters import AnalysisParameters
 from libs.simulator import Experiment, SimulationConfig
 from services.analysis.pipeline import process_frame
@@ -282,3 +283,55 @@ def test_process_frame_command_reads_an_nxmx_run(tmp_path: Path) -> None:
     wrong_cell = [*base[:-4], "--cell", "79 60 38 90 90 90", "--space-group", config.space_group, "--frame", "0"]
     bad = subprocess.run(wrong_cell, capture_output=True, text=True)
     assert bad.returncode == 2 and "not compatible" in bad.stderr
+
+
+def test_a_frame_of_random_spots_is_a_hit_but_never_indexed() -> None:
+    """Spots that are not a lattice (here 80 random bright Gaussian blobs on a real blank frame) index nothing."""
+    config = SimulationConfig(seed=7)
+    experiment = Experiment(config)
+    blank = next(i for i in range(50) if not experiment.truth(i).hit)
+    image = experiment.frame(blank).image.copy()
+    rng = np.random.default_rng(4)
+    n_panels, n_slow, n_fast = image.shape
+    offsets = np.arange(-2, 3)
+    profile = np.exp(-0.5 * (offsets[:, None] ** 2 + offsets[None, :] ** 2) / 0.7**2)
+    for _ in range(80):
+        panel, slow, fast = rng.integers(n_panels), rng.integers(5, n_slow - 5), rng.integers(5, n_fast - 5)
+        image[panel, slow - 2 : slow + 3, fast - 2 : fast + 3] += rng.poisson(rng.uniform(50, 400) * profile / 3.0)
+    analysis = process_frame(
+        image,
+        experiment.detector,
+        experiment.beam,
+        experiment.mask,
+        config.cell,
+        config.space_group,
+        AnalysisParameters(),
+    )
+    assert analysis.hit and analysis.spot_count >= 60
+    assert not analysis.indexed and analysis.A is None and analysis.reflections is None
+    result = analysis.to_frame_result("r1", "live", blank, started_at=1.0, finished_at=2.0)
+    assert result.hit and not result.indexed and result.spot_count == analysis.spot_count
+
+
+def test_an_indexed_frame_becomes_a_valid_frame_result_message() -> None:
+    config = SimulationConfig(seed=7)
+    experiment = Experiment(config)
+    hit = next(i for i in range(50) if experiment.truth(i).hit)
+    frame = experiment.frame(hit)
+    analysis = process_frame(
+        frame.image,
+        experiment.detector,
+        experiment.beam,
+        experiment.mask,
+        config.cell,
+        config.space_group,
+        AnalysisParameters(),
+    )
+    assert analysis.indexed and analysis.reflections is not None and analysis.A is not None
+    message = analysis.to_frame_result("run-7", "live", hit, started_at=10.0, finished_at=10.1, job_id="j", rank=2)
+    decoded = decode_message(message.encode(), FrameResult)
+    assert decoded.key == ("run-7", "live", hit) and decoded.indexed and decoded.rank == 2
+    assert np.allclose(np.array(decoded.A), analysis.A)
+    assert decoded.reflections is not None and len(decoded.reflections) == analysis.n_integrated
+    assert np.array_equal(decoded.reflections.miller, analysis.reflections.miller)
+    assert set(decoded.timings) == {"spotfinding", "hitfinding", "indexing", "refinement", "integration"}

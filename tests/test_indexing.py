@@ -94,3 +94,18 @@ def test_refinement_recovers_orientation_and_cell_and_rejects_outliers() -> None
     # The spots were drawn within 4e-4 1/Å of the sphere: the estimated width must be of that order.
     sigma = float(result.width.sigma(np.array([0.3]))[0])
     assert 5e-5 < sigma < 1e-3
+
+
+def test_a_second_weaker_lattice_does_not_confuse_the_first() -> None:
+    rng = np.random.default_rng(21)
+    A_first = random_rotations(1, rng)[0] @ b_matrix(CELL)
+    A_second = random_rotations(1, rng)[0] @ b_matrix(CELL)
+    first, _ = observed_spots(A_first, rng)
+    second, _ = observed_spots(A_second, rng)
+    second = second[: len(first) // 2]  # a third of all spots from another crystal
+    spots = np.concatenate([first, second])
+    solution = index_known_cell(scattering_vectors(spots, BEAM.wavelength), CELL, SYMBOL, IndexingParameters())
+    assert solution is not None
+    operators = lattice_operators(CELL)
+    assert misorientation_degrees(solution.A, A_first, operators)[0] < 0.2
+    assert solution.indexed[: len(first)].mean() > 0.9
