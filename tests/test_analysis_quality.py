@@ -33,7 +33,7 @@ from libs.common.formats import open_run_writer
 from libs.common.messages import FrameResult, decode_message
 from libs.common.parameters import AnalysisParameters
 from libs.simulator import Experiment, SimulationConfig
-from services.analysis.pipeline import process_frame
+from services.analysis.pipeline import AnalysisError, process_frame
 
 MATCH_PIXELS = 2.0
 
@@ -335,3 +335,28 @@ def test_an_indexed_frame_becomes_a_valid_frame_result_message() -> None:
     assert decoded.reflections is not None and len(decoded.reflections) == analysis.n_integrated
     assert np.array_equal(decoded.reflections.miller, analysis.reflections.miller)
     assert set(decoded.timings) == {"spotfinding", "hitfinding", "indexing", "refinement", "integration"}
+
+
+def test_bad_inputs_are_named() -> None:
+    config = SimulationConfig(seed=7, detector="single")
+    experiment = Experiment(config)
+    image = experiment.frame(0).image
+    parameters = AnalysisParameters()
+    with pytest.raises(AnalysisError, match="image has shape"):
+        process_frame(
+            image[:, :-1], experiment.detector, experiment.beam, experiment.mask, config.cell, "P 43 21 2", parameters
+        )
+    with pytest.raises(AnalysisError, match="unknown space group 'P 43 21 9'"):
+        process_frame(
+            image, experiment.detector, experiment.beam, experiment.mask, config.cell, "P 43 21 9", parameters
+        )
+    with pytest.raises(AnalysisError, match="not compatible with space group"):
+        process_frame(
+            image,
+            experiment.detector,
+            experiment.beam,
+            experiment.mask,
+            (79, 60, 38, 90, 90, 90),
+            "P 43 21 2",
+            parameters,
+        )
