@@ -1,14 +1,19 @@
 """Bus figures: encoded size of a 500-reflection FrameResult and publish→consume throughput on the real broker.
 
+The publisher runs in this process and the consumer in another, as the services do (in one process the publisher,
+connection and handler threads would share one interpreter lock).
+
 Run: ``python -m benchmarks bus`` (RabbitMQ and Redis must answer; settings from SFX_* variables).
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import threading
 import time
 import uuid
+from typing import Any
 
 import numpy as np
 
@@ -64,26 +69,44 @@ def encoded_sizes() -> None:
     print(f"FrameResult without reflections: {len(frame_result(0, 0).encode())} bytes")
 
 
-def throughput(settings: Settings, label: str, messages: list[FrameResult], batch: int) -> None:
-    """Publish ``messages`` in confirmed batches while one consumer takes them; time first publish → last ack."""
-    topology = Topology(settings)
+def consume_in_process(settings_json: str, count: int, events: Any) -> None:
+    """The consumer side, in its own process as in a deployment: reports when it consumes and when all arrived."""
+    settings = Settings.model_validate_json(settings_json)
     done = threading.Event()
     received = [0]
 
     def handler(result: FrameResult) -> None:
         received[0] += 1
-        if received[0] == len(messages):
+        if received[0] == count:
             done.set()
 
-    consumer = Consumer(topology.queue("merger.frames"), FrameResult, handler, settings=settings, name="bench")
-    with running(consumer), Publisher(settings, role="bench") as publisher:
-        started = time.perf_counter()
-        for start in range(0, len(messages), batch):
-            publisher.publish_many(messages[start : start + batch])
-        published = time.perf_counter()
-        if not done.wait(300):
-            raise RuntimeError(f"only {received[0]} of {len(messages)} messages arrived")
-        consumed = time.perf_counter()
+    consumer = Consumer(Topology(settings).queue("merger.frames"), FrameResult, handler, settings=settings)
+    with running(consumer):
+        events.put(("consuming", time.time()))
+        arrived = done.wait(300)
+        events.put(("done" if arrived else "timeout", time.time()))
+
+
+def throughput(settings: Settings, label: str, messages: list[FrameResult], batch: int) -> None:
+    """Publish ``messages`` in confirmed batches while a consumer process takes them; first publish → last ack."""
+    context = multiprocessing.get_context("spawn")
+    events = context.Queue()
+    consumer = context.Process(target=consume_in_process, args=(settings.model_dump_json(), len(messages), events))
+    consumer.start()
+    try:
+        kind, _ = events.get(timeout=60)
+        if kind != "consuming":
+            raise RuntimeError(f"the consumer process did not start: {kind}")
+        with Publisher(settings, role="bench") as publisher:
+            started = time.time()
+            for start in range(0, len(messages), batch):
+                publisher.publish_many(messages[start : start + batch])
+            published = time.time()
+        kind, consumed = events.get(timeout=300)
+        if kind != "done":
+            raise RuntimeError(f"not every message arrived ({kind})")
+    finally:
+        consumer.join(30)
     count = len(messages)
     print(
         f"{label}: {count} messages, batches of {batch}: publish (confirmed) {count / (published - started):,.0f}/s, "
