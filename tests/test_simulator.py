@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from scipy import stats
 
 from libs.common.crystal import reciprocal_space_operators, unit_cell
-from libs.common.formats import open_run
+from libs.common.formats import FormatError, open_run
 from libs.simulator import Experiment, FrameTruth, SimulationConfig
 from libs.simulator.files import read_reflection_run, read_truth, truth_path_for
 from libs.simulator.image import QuantisedPoisson
@@ -368,3 +369,31 @@ def test_optional_second_lattice_adds_its_spots_only_to_the_image() -> None:
     excess = double.image[valid].astype(float).sum() - single.image[valid].astype(float).sum()
     expected = columns["expected_counts"].sum()
     assert excess == pytest.approx(expected, rel=0.1, abs=5 * np.sqrt(expected))
+
+
+def test_live_rate_grows_a_readable_run(tmp_path: Path) -> None:
+    out = tmp_path / "live.nxs"
+    command = [sys.executable, "-m", "sfx", "simulate", "--out", str(out), "--frames", "12", "--live-rate", "4"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen: list[tuple[int, bool | None]] = []
+        deadline = time.monotonic() + 60
+        reader = None
+        while process.poll() is None and time.monotonic() < deadline:
+            if reader is None and out.exists():
+                try:
+                    reader = open_run(out)
+                except (FormatError, OSError):  # the writer may not have created the datasets yet
+                    reader = None
+            if reader is not None:
+                seen.append((reader.refresh(), reader.is_complete))
+            time.sleep(0.2)
+        assert process.wait(timeout=60) == 0, process.stderr.read() if process.stderr else ""
+    finally:
+        if process.poll() is None:
+            process.kill()
+    # While the command ran, the run was readable, incomplete, and growing frame by frame.
+    growing = [count for count, complete in seen if complete is False]
+    assert len(set(growing)) >= 3 and growing == sorted(growing) and max(growing) < 12
+    final = open_run(out)
+    assert final.frame_count == 12 and final.is_complete is True
