@@ -38,11 +38,13 @@ def reindexing_modes(cell: Sequence[float], group: gemmi.SpaceGroup, tolerance_d
 
 
 def resolution_normalised(values: np.ndarray, inv_d2: np.ndarray, n_bins: int = 12) -> np.ndarray:
-    """Values divided by their mean in resolution bins of equal counts (mean taken over the values themselves)."""
+    """Values divided by their mean in resolution bins (mean taken over the values themselves)."""
     if values.size == 0:
         return values.astype(float)
-    edges = np.unique(np.quantile(inv_d2, np.linspace(0, 1, n_bins + 1)))
-    bins = np.clip(np.searchsorted(edges, inv_d2, side="right") - 1, 0, max(edges.size - 2, 0))
+    # Bins of equal width in 1/d³ hold similar numbers of reflections, without the cost of quantiles.
+    cube = inv_d2**1.5
+    low, high = float(cube.min()), float(cube.max())
+    bins = np.minimum(((cube - low) / max(high - low, 1e-12) * n_bins).astype(np.int64), n_bins - 1)
     count = np.bincount(bins).astype(float)
     mean = np.bincount(bins, weights=values) / np.maximum(count, 1)
     mean = np.where(np.abs(mean) > 0, mean, 1.0)

@@ -17,6 +17,7 @@ from libs.common.crystal import b_matrix, unit_cell
 
 _OFFSET = 1024
 _SPAN = 2048
+_MAX_TABLE = 4_000_000  # entries of the direct look-up table (6 bytes each)
 
 
 def miller_keys(miller: np.ndarray) -> np.ndarray:
@@ -61,6 +62,9 @@ class AsuMapper:
         self._sorted_keys = keys[self._key_order]
         # gemmi's W acts on fractional coordinates; Miller indices transform as row vectors: h' = h·W.
         self._operators = np.array([np.array(op.rot) // gemmi.Op.DEN for op in self.group_ops.sym_ops], dtype=np.int64)
+        self._table: tuple[np.ndarray, np.ndarray] | None = None
+        self._table_refused = False
+        self._half_box = np.zeros(3, dtype=np.int64)
 
     @property
     def size(self) -> int:
@@ -78,8 +82,38 @@ class AsuMapper:
         return np.where(found, self._key_order[position], -1).astype(np.int32)
 
     def map(self, miller: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(asu_index, ISYM) of each h, k, l; asu_index -1 (ISYM 0) when it has no place in the merge."""
+        """(asu_index, ISYM) of each h, k, l; asu_index -1 (ISYM 0) when it has no place in the merge.
+
+        Within the box of indices the resolution limit allows, one look-up in a table made on first use;
+        outside it (or when the box would be too large) the operator search.
+        """
         hkl = np.asarray(miller, dtype=np.int64).reshape(-1, 3)
+        if self._table is None and not self._table_refused:
+            self._build_table()
+        if self._table is not None:
+            asu_table, isym_table = self._table
+            inside = np.all(np.abs(hkl) <= self._half_box, axis=1)
+            flat = np.ravel_multi_index(
+                tuple((np.where(inside[:, None], hkl, 0) + self._half_box).T), tuple(2 * self._half_box + 1)
+            )
+            asu_index = np.where(inside, asu_table[flat], -1).astype(np.int32)
+            isym = np.where(inside, isym_table[flat], 0).astype(np.int16)
+            return asu_index, isym
+        return self._search(hkl)
+
+    def _build_table(self) -> None:
+        """Map every index of the box |h| ≤ a/d_min (and so on) once; refused when the box is too large."""
+        half_box = np.floor(np.array(self.cell[:3]) / self.d_min).astype(np.int64) + 1
+        shape = tuple(int(v) for v in 2 * half_box + 1)
+        if int(np.prod(shape)) > _MAX_TABLE:
+            self._table_refused = True
+            return
+        grid = np.stack(np.meshgrid(*(np.arange(-h, h + 1) for h in half_box), indexing="ij"), axis=-1)
+        asu_index, isym = self._search(grid.reshape(-1, 3))
+        self._half_box = half_box
+        self._table = (asu_index, isym)
+
+    def _search(self, hkl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = hkl.shape[0]
         asu_index = np.full(n, -1, dtype=np.int32)
         isym = np.zeros(n, dtype=np.int16)
