@@ -49,7 +49,7 @@ def frame_batches(
                     finished_at=0.0,
                     hit=True,
                     indexed=True,
-                    A=A,  # type: ignore[arg-type]
+                    A=A,
                     cell=CELL,
                     reflections=table,
                 )
