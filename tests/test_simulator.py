@@ -307,6 +307,8 @@ def test_simulate_reflections_only(tmp_path: Path) -> None:
         (["--frames", "0"], "--frames must be at least 1"),
         (["--hit-fraction", "1.5"], "hit_fraction"),
         (["--out", "/nonexistent-dir/x.nxs"], "does not exist"),
+        (["--reflections-only", "--format", "cxi"], "apply to image frames"),
+        (["--live-rate", "-3"], "--live-rate must be positive"),
     ],
 )
 def test_simulate_rejects_bad_input(

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -48,11 +48,11 @@ def register(subparsers: Any) -> None:
         default="jungfrau4m",
         help="jungfrau4m: 8 modules of 1024×512 pixels with gaps; single: one 2048×2048 panel (jungfrau4m)",
     )
-    parser.add_argument("--format", choices=["nxmx", "cxi"], default="nxmx", help="file format of the frames (nxmx)")
+    parser.add_argument("--format", choices=["nxmx", "cxi"], default=None, help="file format of the frames (nxmx)")
     parser.add_argument(
         "--compression",
         choices=["none", "bitshuffle-lz4"],
-        default="none",
+        default=None,
         help="compression of the pixel data (none)",
     )
     parser.add_argument(
@@ -116,6 +116,10 @@ def run(arguments: argparse.Namespace) -> int:
         raise CommandError(f"--live-rate must be positive, got {arguments.live_rate}")
     if arguments.live_rate is not None and arguments.reflections_only:
         raise CommandError("--live-rate writes image frames; it cannot be combined with --reflections-only")
+    if arguments.reflections_only and (arguments.format or arguments.compression):
+        raise CommandError("--format and --compression apply to image frames, not to --reflections-only")
+    file_format: Literal["nxmx", "cxi"] = arguments.format or "nxmx"
+    compression: Literal["none", "bitshuffle-lz4"] = arguments.compression or "none"
     out: Path = arguments.out
     if not out.parent.is_dir():
         raise CommandError(f"--out {out}: directory {out.parent} does not exist")
@@ -147,11 +151,11 @@ def run(arguments: argparse.Namespace) -> int:
         live = arguments.live_rate is not None
         run_writer = open_run_writer(
             out,
-            arguments.format,
+            file_format,
             detector=experiment.detector,
             beam=experiment.beam,
             mask=experiment.mask,
-            compression=arguments.compression,
+            compression=compression,
             live=live,
         )
         try:
@@ -168,7 +172,7 @@ def run(arguments: argparse.Namespace) -> int:
             run_writer.close()
             truth.close()
     elapsed = time.perf_counter() - started
-    kind = "reflection lists" if arguments.reflections_only else f"{arguments.format} frames"
+    kind = "reflection lists" if arguments.reflections_only else f"{file_format} frames"
     print(
         f"wrote {arguments.frames} {kind} ({hits} hits) to {out} in {elapsed:.1f} s "
         f"({arguments.frames / elapsed:.1f} frames/s); truth: {truth_path}",
