@@ -3,7 +3,8 @@
 :func:`process_frame` is what the analysis ranks and the offline ``sfx process`` call for each frame. Work that is
 the same for every frame of a run (the mask's window counts, the work buffers) is kept in an
 :class:`AnalysisContext`, made on first use and reused while detector, mask, beam and parameters stay the same.
-Pure computation: no I/O, no bus.
+A context holds work buffers: use one per process or thread (the MPI ranks are processes). Pure computation: no
+I/O, no bus.
 """
 
 from __future__ import annotations
