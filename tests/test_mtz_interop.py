@@ -135,7 +135,7 @@ def test_cctbx_merging_statistics_agree_with_ours(
         assert other["observations"] == mine.observations
         assert other["completeness"] == pytest.approx(mine.completeness, abs=1e-3)
         assert other["multiplicity"] == pytest.approx(mine.multiplicity, abs=1e-3)
-        assert other["cc_half_mean"] == pytest.approx(mean, abs=0.015)
+        assert other["cc_half_mean"] == pytest.approx(mean, abs=0.03)
 
 
 def test_cctbx_and_gemmi_read_the_merged_mtz_as_written(
