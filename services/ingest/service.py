@@ -95,7 +95,11 @@ class Ingest:
         for candidate in recognise_runs(observations):
             if candidate.run_id in self.finished:
                 continue
-            self._consider(candidate, observations, now)
+            try:
+                self._consider(candidate, observations, now)
+            except (OSError, RuntimeError, ValueError) as error:
+                # One unreadable run must never stop the others from being seen.
+                log.error("run could not be examined", run_id=candidate.run_id, error=repr(error)[:500])
 
     def _consider(self, candidate: RunCandidate, observations: dict[Path, FileObservation], now: float) -> None:
         files = [f for f in candidate.all_files if f in observations]

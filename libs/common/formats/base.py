@@ -94,7 +94,7 @@ def open_hdf5(path: Path, *, swmr: bool = True) -> h5py.File:
         raise FormatError(path, "file does not exist")
     try:
         return h5py.File(path, "r", swmr=swmr)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:  # h5py raises RuntimeError for some damaged superblocks
         if swmr and "swmr" in str(error).lower():
             return open_hdf5(path, swmr=False)
         if "lock" in str(error).lower():

@@ -1,0 +1,331 @@
+"""The live data path on the real broker, Redis, HDF5 files and mpiexec: ingest → dispatcher → MPI analysis → merger.
+
+One set of services runs for the whole module (its own namespace and folders); each test writes runs into the
+landing directory, the way a detector would, and checks what comes out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import gemmi
+import h5py
+import hdf5plugin  # noqa: F401 - registers the bitshuffle filter used below
+import numpy as np
+import pytest
+
+from libs.common.bus import Topology, connect
+from libs.common.messages import FrameResult, MergeUpdate, RunManifest, decode_message
+from libs.common.settings import Settings
+from libs.common.state import LiveState
+from libs.simulator.files import read_truth
+from services.merger.service import dataset_id_for
+from sfx.commands.lifecycle import start_services, stop_services
+from tests.conftest import cleanup, make_settings, settings_environment
+
+REPO = Path(__file__).resolve().parents[1]
+CELL = [79.1, 79.1, 38.0, 90.0, 90.0, 90.0]
+SPACE_GROUP = "P 43 21 2"
+SFX = [sys.executable, "-m", "sfx"]
+
+
+class Pipeline:
+    """Running services plus helpers to feed them runs and wait for their results."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.landing = root / "landing"
+        self.staging = root / "staging"
+        self.landing.mkdir(parents=True)
+        self.staging.mkdir()
+        self.settings: Settings = make_settings(
+            work_dir=root / "services",
+            landing_dirs=[self.landing],
+            ingest_quiet_seconds=2.0,
+            merge_update_seconds=1.0,
+            analysis_ranks=2,
+        )
+        self.env = {
+            **settings_environment(self.settings),
+            "SFX_WORK_DIR": str(self.settings.work_dir),
+            "SFX_LANDING_DIRS": json.dumps([str(self.landing)]),
+            "SFX_INGEST_QUIET_SECONDS": "2",
+            "SFX_MERGE_UPDATE_SECONDS": "1",
+            "SFX_ANALYSIS_RANKS": "2",
+        }
+        self.state = LiveState(self.settings)
+
+    def simulate(self, name: str, frames: int, seed: int, *extra: str, into: Path | None = None) -> Path:
+        out = (into or self.staging) / f"{name}.h5"
+        subprocess.run(
+            [*SFX, "simulate", "--out", str(out), "--frames", str(frames), "--seed", str(seed), *extra],
+            check=True,
+            capture_output=True,
+            env=self.env,
+            cwd=REPO,
+        )
+        return out
+
+    def land(self, path: Path, sample: str) -> Path:
+        """Describe the run's sample, then move its file into the landing directory in one rename."""
+        run_id = path.stem
+        description = {"sample": sample, "cell": CELL, "space_group": SPACE_GROUP}
+        (self.landing / f"{run_id}.sample.json").write_text(json.dumps(description))
+        target = self.landing / path.name
+        os.replace(path, target)
+        return target
+
+    def describe(self, run_id: str, sample: str) -> None:
+        description = {"sample": sample, "cell": CELL, "space_group": SPACE_GROUP}
+        (self.landing / f"{run_id}.sample.json").write_text(json.dumps(description))
+
+    def wait_for(self, what: str, condition: Callable[[], object], timeout: float = 240.0) -> object:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = condition()
+            if value:
+                return value
+            time.sleep(0.5)
+        logs = "\n".join(
+            f"--- {log.name}\n" + "\n".join(line[:300] for line in log.read_text(errors="replace").splitlines()[-8:])
+            for log in sorted((self.settings.work_dir / "logs").glob("*.log"))
+        )
+        raise AssertionError(f"timed out waiting for {what}\n{logs}")
+
+    def final_merge(self, run_ids: list[str], sample: str) -> MergeUpdate:
+        manifest = RunManifest(
+            run_id=run_ids[0], files=["x"], file_format="nxmx", sample=sample, cell=tuple(CELL), space_group=SPACE_GROUP
+        )  # type: ignore[arg-type]
+        dataset = dataset_id_for(manifest)
+
+        def done() -> MergeUpdate | None:
+            update = self.state.merge(dataset, "live")
+            ready = update is not None and update.final and set(run_ids) <= set(update.run_ids) and update.mtz_path
+            return update if ready else None
+
+        return done_value(self.wait_for(f"final merge of {run_ids}", done))
+
+    def journal(self, update: MergeUpdate) -> list[FrameResult]:
+        assert update.mtz_path is not None
+        path = Path(update.mtz_path).parent / "results.jsonl"
+        return [decode_message(line, FrameResult) for line in path.read_bytes().splitlines()]
+
+
+def done_value(value: object) -> MergeUpdate:
+    assert isinstance(value, MergeUpdate)
+    return value
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    running = Pipeline(tmp_path_factory.mktemp("pipeline"))
+    with connect(running.settings, role="test-setup") as connection:
+        Topology(running.settings).declare(connection)
+    start_services(running.settings.work_dir, env=running.env)
+    try:
+        yield running
+    finally:
+        stop_services(running.settings.work_dir)
+        cleanup(running.settings)
+
+
+def merged_cc_to_truth(mtz_path: Path, truth_path: Path) -> float:
+    """Pearson CC between IMEAN of an MTZ and the simulator's true merged intensities (common reflections)."""
+    mtz = gemmi.read_mtz_file(str(mtz_path))
+    miller = np.array(mtz.make_miller_array(), dtype=np.int64)
+    intensity = np.array(mtz.column_with_label("IMEAN"), dtype=float)
+    truth = read_truth(truth_path)
+    true_by_index = {tuple(h): i for h, i in zip(truth.merged_miller.tolist(), truth.merged_intensity, strict=True)}
+    pairs = [
+        (i, true_by_index[tuple(h)])
+        for h, i in zip(miller.tolist(), intensity, strict=True)
+        if tuple(h) in true_by_index
+    ]
+    observed, true = np.array(pairs).T
+    return float(np.corrcoef(observed, true)[0, 1])
+
+
+def pika_url(kombu_url: str) -> str:
+    """kombu writes the default virtual host as a trailing ``//``; pika wants it escaped as ``/%2F``."""
+    return kombu_url[:-2] + "/%2F" if kombu_url.endswith("//") else kombu_url
+
+
+def subscriber_program(folder: Path) -> Path:
+    """The pika subscriber exactly as docs/subscribing.md shows it."""
+    text = (REPO / "docs" / "subscribing.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S)
+    assert code is not None, "docs/subscribing.md has no python block"
+    program = folder / "subscriber.py"
+    program.write_text(code.group(1))
+    return program
+
+
+def test_two_runs_one_live_are_processed_and_merged_exactly_once(pipeline: Pipeline, tmp_path: Path) -> None:
+    frames = 30
+    complete_run = pipeline.simulate("run_a", frames, seed=11)
+    complete_truth = complete_run.with_name("run_a.truth.h5")
+
+    subscriber = subprocess.Popen(
+        [
+            sys.executable,
+            str(subscriber_program(tmp_path)),
+            "--url",
+            pika_url(pipeline.settings.amqp_url),
+            "--namespace",
+            pipeline.settings.namespace,
+            "--run",
+            "run_b",
+            "--seconds",
+            "60",
+            "--count",
+            str(frames),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert subscriber.stdout is not None
+    assert subscriber.stdout.readline().strip() == "subscribed"
+
+    pipeline.land(complete_run, sample="lyso-e2e")
+    pipeline.describe("run_b", sample="lyso-e2e")
+    live_writer = subprocess.Popen(
+        [
+            *SFX,
+            "simulate",
+            "--out",
+            str(pipeline.landing / "run_b.h5"),
+            "--frames",
+            str(frames),
+            "--seed",
+            "12",
+            "--live-rate",
+            "8",
+        ],
+        env=pipeline.env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+    )
+    # The live run is announced while it is still being written.
+    pipeline.wait_for("a live manifest of run_b", lambda: (m := pipeline.state.run("run_b")) is not None and m.live)
+    assert live_writer.wait(timeout=120) == 0
+
+    update = pipeline.final_merge(["run_a", "run_b"], sample="lyso-e2e")
+
+    # Every frame written is accounted for exactly once.
+    for run_id in ("run_a", "run_b"):
+        counters = pipeline.state.counters(run_id, "live")
+        assert counters["frames"] == frames, (run_id, counters)
+        assert counters["failed"] == 0, (run_id, counters)
+    journal = pipeline.journal(update)
+    keys = [result.key for result in journal]
+    assert len(keys) == len(set(keys)) == 2 * frames
+    assert {key[2] for key in keys if key[0] == "run_b"} == set(range(frames))
+
+    # The external subscriber saw exactly run_b's frames.
+    output, errors = subscriber.communicate(timeout=120)
+    received = [json.loads(line) for line in output.splitlines() if line.strip()]
+    assert {r["run"] for r in received} == {"run_b"}, errors
+    assert sorted(r["frame"] for r in received) == list(range(frames))
+
+    # The merged intensities are as good as the offline chain on the same frames.
+    assert update.mtz_path is not None and Path(update.mtz_path).exists()
+    offline = tmp_path / "offline"
+    subprocess.run(
+        [
+            *SFX,
+            "process",
+            str(pipeline.landing / "run_a.h5"),
+            str(pipeline.landing / "run_b.h5"),
+            "--cell",
+            " ".join(map(str, CELL)),
+            "--space-group",
+            SPACE_GROUP,
+            "--out",
+            str(offline),
+            "--nproc",
+            "2",
+        ],
+        check=True,
+        capture_output=True,
+        env=pipeline.env,
+        cwd=REPO,
+    )
+    live_cc = merged_cc_to_truth(Path(update.mtz_path), complete_truth)
+    offline_cc = merged_cc_to_truth(offline / "merged.mtz", complete_truth)
+    print(f"merged CC to truth: live pipeline {live_cc:.4f}, offline sfx process {offline_cc:.4f}")
+    assert live_cc >= offline_cc - 0.01
+    assert live_cc > 0.5
+
+
+def test_corrupt_frame_and_corrupt_file_are_reported_and_the_rest_processed(pipeline: Pipeline) -> None:
+    frames, bad_frame = 12, 4
+    run = pipeline.simulate("run_c", frames, 13, "--compression", "bitshuffle-lz4")
+    with h5py.File(run, "r") as file:
+        chunk = file["/entry/data/data"].id.get_chunk_info_by_coord((bad_frame, 0, 0))
+    with open(run, "r+b") as raw:
+        raw.seek(chunk.byte_offset + 12)
+        raw.write(b"\xff" * 4096)  # the bitshuffle-LZ4 stream of this frame no longer decodes
+    broken = pipeline.staging / "broken_master.h5"
+    broken.write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(50_000))
+
+    pipeline.land(run, sample="lyso-corrupt")
+    pipeline.land(broken, sample="lyso-corrupt")
+
+    update = pipeline.final_merge(["run_c"], sample="lyso-corrupt")
+    counters = pipeline.state.counters("run_c", "live")
+    assert counters["frames"] == frames and counters["failed"] == 1
+    failed = [r for r in pipeline.journal(update) if r.error is not None]
+    assert [r.frame_index for r in failed] == [bad_frame]
+    assert "frame 4" in failed[0].error and "/entry/data/data" in failed[0].error  # type: ignore[operator]
+
+    rejected = pipeline.wait_for(
+        "the rejection of broken_master.h5", lambda: [r for r in pipeline.state.rejections() if "broken" in r.path]
+    )
+    assert isinstance(rejected, list) and "broken_master.h5" in rejected[0].reason
+
+
+def test_restarting_the_merger_mid_run_gives_the_same_mtz(pipeline: Pipeline) -> None:
+    frames = 30
+    source = pipeline.simulate("source", frames, seed=14)
+    reference = pipeline.staging / "run_ref.h5"
+    restarted = pipeline.staging / "run_restart.h5"
+    os.link(source, reference)
+    os.link(source, restarted)
+
+    pipeline.land(reference, sample="lyso-reference")
+    reference_update = pipeline.final_merge(["run_ref"], sample="lyso-reference")
+
+    pipeline.land(restarted, sample="lyso-restart")
+    pipeline.wait_for(
+        "a third of run_restart merged", lambda: pipeline.state.counters("run_restart", "live")["frames"] >= 10
+    )
+    stop_services(pipeline.settings.work_dir, ("merger",))
+    time.sleep(2)  # frames keep arriving on the durable queue while the merger is down
+    start_services(pipeline.settings.work_dir, ("merger",), env=pipeline.env)
+    restarted_update = pipeline.final_merge(["run_restart"], sample="lyso-restart")
+
+    assert restarted_update.frames_merged == reference_update.frames_merged
+    counters = pipeline.state.counters("run_restart", "live")
+    assert counters["frames"] == frames
+    assert len(pipeline.journal(restarted_update)) == frames
+
+    def columns(update: MergeUpdate) -> dict[tuple[int, int, int], tuple[float, float]]:
+        assert update.mtz_path is not None
+        mtz = gemmi.read_mtz_file(update.mtz_path)
+        miller = mtz.make_miller_array().tolist()
+        values = zip(mtz.column_with_label("IMEAN"), mtz.column_with_label("SIGIMEAN"), strict=True)
+        return {tuple(h): (float(i), float(s)) for h, (i, s) in zip(miller, values, strict=True)}
+
+    reference_columns, restarted_columns = columns(reference_update), columns(restarted_update)
+    assert reference_columns.keys() == restarted_columns.keys()
+    reference_values = np.array([reference_columns[h] for h in sorted(reference_columns)])
+    restarted_values = np.array([restarted_columns[h] for h in sorted(reference_columns)])
+    np.testing.assert_allclose(restarted_values, reference_values, rtol=1e-5, atol=1e-6)
