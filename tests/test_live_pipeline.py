@@ -31,7 +31,8 @@ from sfx.commands.lifecycle import start_services, stop_services
 from tests.conftest import cleanup, make_settings, settings_environment
 
 REPO = Path(__file__).resolve().parents[1]
-CELL = [79.1, 79.1, 38.0, 90.0, 90.0, 90.0]
+CELL_TUPLE = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)
+CELL = list(CELL_TUPLE)
 SPACE_GROUP = "P 43 21 2"
 SFX = [sys.executable, "-m", "sfx"]
 
@@ -101,8 +102,8 @@ class Pipeline:
 
     def final_merge(self, run_ids: list[str], sample: str) -> MergeUpdate:
         manifest = RunManifest(
-            run_id=run_ids[0], files=["x"], file_format="nxmx", sample=sample, cell=tuple(CELL), space_group=SPACE_GROUP
-        )  # type: ignore[arg-type]
+            run_id=run_ids[0], files=["x"], file_format="nxmx", sample=sample, cell=CELL_TUPLE, space_group=SPACE_GROUP
+        )
         dataset = dataset_id_for(manifest)
 
         def done() -> MergeUpdate | None:
