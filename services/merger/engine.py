@@ -418,14 +418,15 @@ class MergingEngine:
         n_frames = len(self._keys)
         if n_frames == 0:
             return
-        frame = columns["frame"].astype(np.int64)
-        intensity = columns["intensity"].astype(float)
-        raw_sigma = columns["sigma"].astype(float)
-        partiality = columns["partiality"].astype(float)
+        # Per-observation work arrays stay float32 (and int32): a re-scale holds a dozen of them at once.
+        frame = columns["frame"]
+        intensity = columns["intensity"]
+        raw_sigma = columns["sigma"]
+        partiality = columns["partiality"]
         if len(self.modes) > 1:
             self._resolve_all(columns)
-        asu = columns["asu"][np.arange(frame.size), frames["mode"][frame]]
-        inv_d2 = self.mapper.inv_d2[asu]
+        asu = self._current_asu(columns)
+        inv_d2 = self.mapper.inv_d2.astype(np.float32)[asu]
         active = np.ones(n_frames, dtype=bool)
         scale, b_factor = np.ones(n_frames), np.zeros(n_frames)
         if self._scaled_once:
@@ -434,12 +435,12 @@ class MergingEngine:
         error_model = ErrorModel()
         outlier = np.zeros(frame.size, dtype=bool)
         for iteration in range(p.scale_iterations + 1):
-            correction = scale_correction(inv_d2, scale[frame], b_factor[frame]) * partiality
+            correction = self._correction(inv_d2, scale, b_factor, frame, partiality)
             scaled = intensity / correction
             use = active[frame] & ~outlier
             sums = ReflectionSums(self.mapper.size, self.parameters.half_set_seed)
             mean_now = self._mean_by_reflection(asu[use], scaled[use])
-            sigma = error_model.inflate(raw_sigma / correction, mean_now[asu])
+            sigma = error_model.inflate(raw_sigma / correction, mean_now[asu]).astype(np.float32)
             sums.add(asu[use], scaled[use], sigma[use])
             if iteration == p.scale_iterations:
                 break
@@ -452,8 +453,8 @@ class MergingEngine:
                 raw_sigma,
                 partiality,
                 inv_d2,
-                reference[asu],
-                reference_sigma[asu],
+                reference.astype(np.float32)[asu],
+                reference_sigma.astype(np.float32)[asu],
                 min_i_over_sigma=p.scale_min_i_over_sigma,
                 fit_b=p.fit_b,
             )
@@ -465,15 +466,19 @@ class MergingEngine:
             if fitted.any():
                 scale = scale / np.exp(np.mean(np.log(scale[fitted])))
                 b_factor = b_factor - np.mean(b_factor[fitted])
-            correction = scale_correction(inv_d2, scale[frame], b_factor[frame]) * partiality
+            correction = self._correction(inv_d2, scale, b_factor, frame, partiality)
             scaled = intensity / correction
             # Leave-one-out: the merge without the observation itself, or a frame would correlate with its own share.
-            weight = np.where(use, 1.0 / sigma**2, 0.0)
-            others_w = sums.sum_w[asu] - weight
+            # In float64 and judged by counts: the difference of two nearly equal sums is all rounding otherwise.
+            weight = np.where(use, 1.0 / sigma.astype(float) ** 2, 0.0)
+            sum_w = sums.sum_w[asu]
+            others_w = sum_w - weight
+            has_others = (sums.count[asu] - use) > 0
             with np.errstate(divide="ignore", invalid="ignore"):
                 others = np.where(
-                    others_w > 0, (sums.sum_w[asu] * reference[asu] - weight * scaled_before) / others_w, np.nan
-                )
+                    has_others, (sum_w * reference[asu] - weight * scaled_before) / others_w, np.nan
+                ).astype(np.float32)
+            del weight, sum_w, others_w, has_others
             cc, pairs = self._frame_correlations(frame, n_frames, intensity / partiality, others, inv_d2, partiality**2)
             active = np.isfinite(fit.scale) & ~self._poorly_correlated(cc, pairs)
             frames["cc"] = cc
@@ -484,7 +489,7 @@ class MergingEngine:
                 base_sigma = raw_sigma / correction
                 for _ in range(2):
                     mean_now = self._mean_by_reflection(asu[use & ~outlier], scaled[use & ~outlier])
-                    inflated = error_model.inflate(base_sigma, mean_now[asu])
+                    inflated = error_model.inflate(base_sigma, mean_now[asu]).astype(np.float32)
                     outlier = np.zeros(frame.size, dtype=bool)
                     outlier[use] = outlier_observations(
                         asu[use], scaled[use], inflated[use], self.mapper.size, z_max=p.outlier_z
@@ -502,11 +507,26 @@ class MergingEngine:
         self._frames_at_last_rescale = n_frames
 
     @staticmethod
+    def _correction(
+        inv_d2: np.ndarray, scale: np.ndarray, b_factor: np.ndarray, frame: np.ndarray, partiality: np.ndarray
+    ) -> np.ndarray:
+        """G·exp(-B/(2d²))·p per observation, in float32."""
+        gathered_scale = scale.astype(np.float32)[frame]
+        gathered_b = b_factor.astype(np.float32)[frame]
+        return np.asarray(scale_correction(inv_d2, gathered_scale, gathered_b) * partiality, dtype=np.float32)
+
+    def _current_asu(self, columns: dict[str, np.ndarray]) -> np.ndarray:
+        """asu_index of every stored observation in its frame's current mode."""
+        if len(self.modes) == 1:
+            return columns["asu"][:, 0]
+        return np.take_along_axis(columns["asu"], self._frame_arrays["mode"][columns["frame"]][:, None], axis=1)[:, 0]
+
+    @staticmethod
     def _mean_by_reflection_static(asu: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
         count = np.bincount(asu, minlength=size)
         total = np.bincount(asu, weights=values, minlength=size)
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(count > 0, total / count, 0.0)
+            return np.where(count > 0, total / count, 0.0).astype(np.float32)
 
     def _mean_by_reflection(self, asu: np.ndarray, values: np.ndarray) -> np.ndarray:
         return self._mean_by_reflection_static(asu, values, self.mapper.size)

@@ -53,20 +53,22 @@ def fit_frame_scales(
     ``reference`` and ``reference_sigma`` are gathered per observation (NaN where the reflection is not yet
     merged). Frames with fewer than two confident reflections get scale NaN: the caller rejects them.
     """
-    intensity = intensity.astype(float)
-    sigma = sigma.astype(float)
-    expected = partiality * reference
-    confident = (
-        np.isfinite(expected)
-        & (expected > 0)
-        & (reference > min_i_over_sigma * reference_sigma)
-        & (intensity > min_i_over_sigma * sigma)
-        & (sigma > 0)
-    )
+    with np.errstate(invalid="ignore"):
+        confident = (
+            (reference > 0)
+            & (partiality > 0)
+            & (reference > min_i_over_sigma * reference_sigma)
+            & (intensity > min_i_over_sigma * sigma)
+            & (sigma > 0)
+        )
+    # Only the confident subset is promoted to float64.
     index = np.flatnonzero(confident)
-    f, x = frame[index], inv_d2[index]
-    y = np.log(intensity[index] / expected[index])
-    relative_variance = (sigma[index] / intensity[index]) ** 2 + (reference_sigma[index] / reference[index]) ** 2
+    f, x = frame[index], inv_d2[index].astype(float)
+    intensity_c, sigma_c = intensity[index].astype(float), sigma[index].astype(float)
+    reference_c = reference[index].astype(float)
+    expected_c = partiality[index].astype(float) * reference_c
+    y = np.log(intensity_c / expected_c)
+    relative_variance = (sigma_c / intensity_c) ** 2 + (reference_sigma[index].astype(float) / reference_c) ** 2
     base_weight = 1.0 / np.maximum(relative_variance, 1e-4)
     weight = base_weight.copy()
     used = np.bincount(f, minlength=n_frames)[:n_frames].astype(int)
@@ -91,9 +93,9 @@ def fit_frame_scales(
         weight = base_weight / (1.0 + z2 / 9.0)
     scale = np.exp(log_scale)
     # Linear refinement of G with B fixed: G = Σ w I·m / Σ w m² with m = p·I_ref·exp(-B·x/2), w = 1/σ².
-    model = expected[index] * np.exp(-0.5 * b_factor[f] * x)
-    w_lin = 1.0 / sigma[index] ** 2
-    numerator = grouped_sum(f, w_lin * intensity[index] * model, n_frames)
+    model = expected_c * np.exp(-0.5 * b_factor[f] * x)
+    w_lin = 1.0 / sigma_c**2
+    numerator = grouped_sum(f, w_lin * intensity_c * model, n_frames)
     denominator = grouped_sum(f, w_lin * model * model, n_frames)
     with np.errstate(divide="ignore", invalid="ignore"):
         linear = numerator / denominator
