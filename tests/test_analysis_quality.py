@@ -56,6 +56,11 @@ class Figures:
     cell_errors: list[float] = field(default_factory=list)
     ours: list[float] = field(default_factory=list)
     truth: list[float] = field(default_factory=list)
+    sigmas: list[float] = field(default_factory=list)
+
+    def pulls(self) -> tuple[float, float] | None:
+        """Median and robust spread of (I - E)/σ: how biased and how honest the integrated intensities are."""
+        return _pull_summary(self.ours, self.truth, self.sigmas)
 
     def summary(self, label: str) -> dict[str, Any]:
         return {
@@ -76,7 +81,16 @@ class Figures:
             if len(self.ours) > 2
             else None,
             "reflections compared": len(self.ours),
+            "(I - E)/σ median, spread": self.pulls(),
         }
+
+
+def _pull_summary(ours: list[float], truth: list[float], sigmas: list[float]) -> tuple[float, float] | None:
+    if len(ours) < 3:
+        return None
+    pulls = (np.array(ours) - np.array(truth)) / np.array(sigmas)
+    spread = 1.4826 * float(np.median(np.abs(pulls - np.median(pulls))))
+    return round(float(np.median(pulls)), 3), round(spread, 3)
 
 
 def true_i_over_sigma(truth: Any) -> np.ndarray:
@@ -165,6 +179,7 @@ def _collect_intensities(
     # A_found·R ≈ A_true, so the truth's index of our h is R⁻¹·h.
     ours_h = np.rint(integrated.predictions.miller[ok] @ np.linalg.inv(operator).T).astype(int)
     ours_i = integrated.intensity[ok]
+    ours_sigma = np.sqrt(integrated.variance[ok])
     lookup = {tuple(h): k for k, h in enumerate(ours_h)}
     good = (
         (i_over_sigma >= 5)
@@ -177,6 +192,7 @@ def _collect_intensities(
         position = lookup.get(tuple(int(x) for x in truth.miller[k]))
         if position is not None:
             figures.ours.append(float(ours_i[position]))
+            figures.sigmas.append(float(ours_sigma[position]))
             figures.truth.append(float(truth.expected_counts[k]))
 
 
@@ -238,6 +254,10 @@ def test_integrated_intensities_follow_truth(which: str, request: pytest.Fixture
     figures: Figures = request.getfixturevalue(which)
     assert len(figures.ours) >= 200
     assert float(np.corrcoef(figures.ours, figures.truth)[0, 1]) >= 0.9
+    # Beyond correlation: little bias, and σ that describe the real scatter about the truth.
+    pulls = figures.pulls()
+    assert pulls is not None
+    assert abs(pulls[0]) < 0.5 and 0.7 < pulls[1] < 1.5
 
 
 def test_process_frame_command_reads_an_nxmx_run(tmp_path: Path) -> None:
