@@ -438,12 +438,15 @@ class MergingEngine:
             correction = self._correction(inv_d2, scale, b_factor, frame, partiality)
             scaled = intensity / correction
             use = active[frame] & ~outlier
-            sums = ReflectionSums(self.mapper.size, self.parameters.half_set_seed)
             mean_now = self._mean_by_reflection(asu[use], scaled[use])
             sigma = error_model.inflate(raw_sigma / correction, mean_now[asu]).astype(np.float32)
-            sums.add(asu[use], scaled[use], sigma[use])
             if iteration == p.scale_iterations:
+                sums = ReflectionSums(self.mapper.size, self.parameters.half_set_seed)
+                sums.add(asu[use], scaled[use], sigma[use])
                 break
+            # Between passes only the weighted means matter; the half sets are drawn once, at the end.
+            sums = ReflectionSums(self.mapper.size, self.parameters.half_set_seed)
+            sums.add(asu[use], scaled[use], sigma[use], halves=False)
             reference, reference_sigma = sums.merged()
             scaled_before = scaled
             fit = fit_frame_scales(

@@ -38,11 +38,16 @@ class ReflectionSums:
         half[order] = (self.count[ordered] + rank + self._first_half[ordered]) % 2
         return half
 
-    def add(self, asu_index: np.ndarray, intensity: np.ndarray, sigma: np.ndarray) -> None:
-        """Add observations (scaled intensity and its sigma)."""
-        half = self.halves(asu_index)
+    def add(self, asu_index: np.ndarray, intensity: np.ndarray, sigma: np.ndarray, halves: bool = True) -> None:
+        """Add observations (scaled intensity and its sigma); ``halves=False`` puts all in half 0 (cheaper, for
+        sums whose half sets will never be looked at)."""
         weight = 1.0 / sigma.astype(float) ** 2
         self.count += np.bincount(asu_index, minlength=self.size)
+        if not halves:
+            self.half_w[0] += np.bincount(asu_index, weights=weight, minlength=self.size)
+            self.half_wi[0] += np.bincount(asu_index, weights=weight * intensity, minlength=self.size)
+            return
+        half = self.halves(asu_index)
         for h in (0, 1):
             chosen = half == h
             self.half_w[h] += np.bincount(asu_index[chosen], weights=weight[chosen], minlength=self.size)
