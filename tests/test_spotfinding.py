@@ -89,6 +89,22 @@ def test_strong_pixels_equal_the_direct_dispersion_rule(seed: int) -> None:
     assert np.array_equal(ours.reshape(image.shape), reference)
 
 
+def test_saturated_pixels_leave_the_windows_and_the_finder_recovers_after() -> None:
+    detector = two_panel_detector()
+    parameters = SpotfindingParameters(overload=30.0)
+    saturated, mask = small_detector_frame(7)
+    clean, _ = small_detector_frame(8)
+    clean = np.minimum(clean, 29)
+    assert (saturated >= 30).sum() > 5
+    finder = SpotFinder(detector, BEAM, mask, parameters)  # type: ignore[arg-type]
+    for image in (clean, saturated, clean, saturated):
+        ours = np.zeros(image.size, dtype=bool)
+        ours[finder.strong_pixels(image)] = True
+        reference = direct_dispersion(image, mask & (image < 30), parameters, np.ones(image.shape))
+        assert reference.sum() > 3
+        assert np.array_equal(ours.reshape(image.shape), reference)
+
+
 def test_gain_map_and_global_threshold_follow_the_rule() -> None:
     image, mask = small_detector_frame(4, gain=2.0)
     detector = two_panel_detector()

@@ -110,70 +110,89 @@ class SpotFinder:
         self.window = 2 * self.k + 1
         self.gain_map = None if gain_map is None else np.asarray(gain_map, dtype=np.float32)
         n_panels, n_slow, n_fast = shape
-        # Zero-padded work buffer: windows see zeros (= invalid) beyond a panel's edges, never another panel.
-        self._padded = np.zeros((n_panels, n_slow + 2 * self.k, n_fast + 2 * self.k), dtype=np.float32)
-        self._mask_f32 = mask.astype(np.float32)
-        self._count = self._valid_count(self._mask_f32)
+        k, size = self.k, self.window
+        padded_shape = (n_panels, n_slow + 2 * k, n_fast + 2 * k)
+        # Work buffers, allocated once: fresh multi-megabyte temporaries per frame cost page faults as well as
+        # memory passes. The padded buffer's zero border makes windows see nothing beyond a panel's edges.
+        self._padded = np.zeros(padded_shape, dtype=np.float32)
+        self._rows = np.empty(padded_shape, dtype=np.float32)
+        self._levels: list[np.ndarray] = []
+        width = 2
+        while width <= size:
+            self._levels.append(np.empty((n_panels, padded_shape[1] - width + 1, padded_shape[2]), np.float32))
+            width *= 2
+        self._column_sums = np.empty((n_panels, n_slow, padded_shape[2]), dtype=np.float32)
+        self._excess = np.empty(shape, dtype=np.float32)
+        self._bound = np.empty(shape, dtype=np.float32)
+        self._over = np.empty(shape, dtype=bool)
+        self._count = self._valid_count(mask.astype(np.float32))
+        self._strength_factors = self._factors(self._count)
         # Every pixel's window as a view of the padded buffer: [panel, slow, fast] is the window centred there.
-        self._windows = sliding_window_view(self._padded, (self.window, self.window), axis=(1, 2))
+        self._windows = sliding_window_view(self._padded, (size, size), axis=(1, 2))
 
     def _valid_count(self, valid: np.ndarray) -> np.ndarray:
         k = self.k
         self._padded[:, k:-k, k:-k] = valid
-        count = self._box_sum_of_padded()
+        count = self._window_means() * np.float32(self.window)
         np.rint(count, out=count)
         return count
 
-    def _box_sum_of_padded(self) -> np.ndarray:
-        """Window sums of the padded buffer's interior, within each panel, float32 (n_panels, n_slow, n_fast).
+    def _factors(self, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """m/(2k+1) and σ_s²·gain·m/(2k+1): the strength test's per-pixel factors for window sums S/(2k+1)."""
+        scaled = count / np.float32(self.window)
+        gain = self.gain_map if self.gain_map is not None else np.float32(self.parameters.gain)
+        return scaled, (scaled * gain * np.float32(self.parameters.sigma_strong**2)).astype(np.float32)
 
-        Along fast a running filter over whole padded rows (contiguous); along slow, sums of shifted row blocks
+    def _window_means(self) -> np.ndarray:
+        """Window sums divided by 2k+1 of the padded buffer's interior, per panel: a view (n_panels, n_slow, n_fast).
+
+        Along fast a running mean over whole padded rows (contiguous); along slow, sums of shifted row blocks
         built by doubling (a strided filter along that axis is several times slower).
         """
         k, size = self.k, self.window
-        rows = ndimage.uniform_filter1d(self._padded, size, axis=2, mode="constant", cval=0.0)
-        total = _running_sum_along_slow(rows, size)
-        return np.multiply(total[:, :, k:-k], np.float32(size))
+        ndimage.uniform_filter1d(self._padded, size, axis=2, output=self._rows, mode="constant", cval=0.0)
+        _running_sum_along_slow(self._rows, size, self._levels, self._column_sums)
+        return self._column_sums[:, :, k:-k]
 
     def strong_pixels(self, image: np.ndarray) -> np.ndarray:
         """Flat indices (sorted) of the strong pixels of ``image`` (n_panels, n_slow, n_fast)."""
         if image.shape != self.shape:
             raise SpotfindingError(f"image has shape {image.shape}, the detector's frames have {self.shape}")
-        p, k = self.parameters, self.k
-        mask_f, count = self._mask_f32, self._count
+        p, k, size = self.parameters, self.k, self.window
+        count, (scaled_count, strength_factor) = self._count, self._strength_factors
+        data = self._padded[:, k:-k, k:-k]
         if image.max() >= p.overload:
             # Saturated pixels leave every window they belong to, exactly like masked ones.
-            mask_f = (self.mask & (image < p.overload)).astype(np.float32)
-            count = self._valid_count(mask_f)
-        data = self._padded[:, k:-k, k:-k]
-        np.multiply(image, mask_f, out=data, dtype=np.float32)
-        sums = self._box_sum_of_padded()
-        gain = self.gain_map if self.gain_map is not None else np.float32(p.gain)
-        # Strength, I - S/m > σ_s·sqrt(gain·S/m), rearranged without division: (m·I - S)² > σ_s²·gain·S·m with
-        # m·I > S. The square form is evaluated everywhere (few full-frame passes); the sign, S > 0 and the
-        # global threshold are then checked on the candidates only.
-        excess = count * data
-        excess -= sums
-        bound = sums * count
-        if isinstance(gain, np.ndarray):
-            bound *= gain
-            bound *= np.float32(p.sigma_strong**2)
+            valid = self.mask & (image < p.overload)
+            count = self._valid_count(valid.astype(np.float32))
+            scaled_count, strength_factor = self._factors(count)
+            np.multiply(image, valid, out=data, dtype=np.float32)
         else:
-            bound *= np.float32(p.sigma_strong**2 * float(gain))
+            # Masked pixels of the buffer are zero from the start and never written: copy the valid ones only.
+            np.copyto(data, image, casting="unsafe", where=self.mask)
+        means = self._window_means()  # T = S/(2k+1)
+        # Strength, I - S/m > σ_s·sqrt(gain·S/m), rearranged without division: (m·I - S)² > σ_s²·gain·S·m with
+        # m·I > S; in terms of T and m' = m/(2k+1) the same test reads (m'·I - T)² > σ_s²·gain·T·m'. The square
+        # form is evaluated everywhere (a few passes into preallocated buffers); the sign, S > 0 and the global
+        # threshold are then checked on the candidates only.
+        excess, bound = self._excess, self._bound
+        np.multiply(scaled_count, data, out=excess)
+        np.subtract(excess, means, out=excess)
+        np.multiply(means, strength_factor, out=bound)
         np.square(excess, out=excess)
-        flat = np.flatnonzero(excess > bound)
-        data_c, sums_c, m_c = data.ravel()[flat], sums.ravel()[flat], count.ravel()[flat]
-        keep = (m_c * data_c > sums_c) & (sums_c > 0) & (data_c > np.float32(p.global_threshold))
-        flat, sums_c, m_c = flat[keep], sums_c[keep], m_c[keep]
+        flat = np.flatnonzero(np.greater(excess, bound, out=self._over))
+        panel, slow, fast = np.unravel_index(flat, self.shape)
+        data_c, means_c, m_c = data[panel, slow, fast], means[panel, slow, fast], count.ravel()[flat]
+        keep = (scaled_count.ravel()[flat] * data_c > means_c) & (means_c > 0) & (data_c > p.global_threshold)
+        flat, panel, slow, fast = flat[keep], panel[keep], slow[keep], fast[keep]
         if flat.size == 0:
             return flat
         # Dispersion only where the pixel is strong enough: window sums of squares gathered at the candidates.
-        panel, slow, fast = np.unravel_index(flat, self.shape)
         window_values = self._windows[panel, slow, fast]  # (n, 2k+1, 2k+1) gathered from a strided view
         sum_sq = np.einsum("ijk,ijk->i", window_values, window_values, dtype=np.float64)
-        m = m_c.astype(np.float64)
-        s = sums_c.astype(np.float64)
-        g = gain.ravel()[flat] if isinstance(gain, np.ndarray) else float(gain)
+        m = m_c[keep].astype(np.float64)
+        s = means_c[keep].astype(np.float64) * size
+        g = self.gain_map.ravel()[flat] if self.gain_map is not None else float(p.gain)
         # variance/mean > gain·(1 + σ_b·sqrt(2/(m-1))), with variance = (m·Q - S²)/(m(m-1)), mean = S/m.
         bound_dispersion = 1.0 + p.sigma_background * np.sqrt(2.0 / np.maximum(m - 1.0, 1.0))
         dispersed = (m * sum_sq - s * s) > g * s * (m - 1.0) * bound_dispersion
@@ -237,24 +256,25 @@ class SpotFinder:
         return SpotfindingResult(spots, flat)
 
 
-def _running_sum_along_slow(values: np.ndarray, size: int) -> np.ndarray:
-    """Sums of ``size`` consecutive rows (axis 1): output row i is rows i .. i+size-1, by binary doubling."""
-    n_out = values.shape[1] - size + 1
-    result: np.ndarray | None = None
-    offset = 0
-    block, width = values, 1
-    remaining = size
+def _running_sum_along_slow(values: np.ndarray, size: int, levels: list[np.ndarray], out: np.ndarray) -> None:
+    """``out`` row i = sum of ``values`` rows i .. i+size-1 (axis 1), by binary doubling into ``levels`` buffers."""
+    n_out = out.shape[1]
+    first, offset, width, level = True, 0, 1, 0
+    block, remaining = values, size
     while remaining:
         if remaining & 1:
             part = block[:, offset : offset + n_out]
-            result = part.copy() if result is None else np.add(result, part, out=result)
+            if first:
+                np.copyto(out, part)
+                first = False
+            else:
+                np.add(out, part, out=out)
             offset += width
         remaining >>= 1
         if remaining:
-            block = block[:, :-width] + block[:, width:]
-            width *= 2
-    assert result is not None
-    return result
+            following = levels[level]
+            np.add(block[:, :-width], block[:, width:], out=following)
+            block, width, level = following, width * 2, level + 1
 
 
 def find_spots(
