@@ -47,7 +47,9 @@ class MergingParameters(BaseModel):
     cell_length_tolerance: float = Field(0.03, gt=0, description="Largest relative deviation of a frame's a, b, c")
     cell_angle_tolerance: float = Field(2.0, gt=0, description="Largest deviation of a frame's angles (degrees)")
     partiality_correction: bool = Field(True, description="Divide intensities by the frame's estimated partiality")
-    min_partiality: float = Field(0.1, ge=0, le=1, description="Observations less recorded than this are dropped")
+    min_partiality: float = Field(
+        0.3, ge=0, le=1, description="Observations less recorded than this are dropped (estimates are poor there)"
+    )
     min_reflections: int = Field(5, ge=1, description="Frames with fewer usable reflections are rejected")
     scale_min_i_over_sigma: float = Field(2.0, ge=0, description="Confident reflections used for scaling")
     fit_b: bool = Field(True, description="Refine a relative B per frame as well as the scale")
