@@ -81,8 +81,8 @@ def main() -> None:
     blanks, hits = collect_frames(experiment, FRAMES_PER_KIND)
     n_pixels = int(np.prod(experiment.detector.frame_shape))
     print(
-        f"per-frame analysis, {n_pixels / 1e6:.2f} Mpixel ({config.detector}), one core, CPU ms per frame "
-        f"(median over {FRAMES_PER_KIND} frames, best of {REPEATS})"
+        f"per-frame analysis, {n_pixels / 1e6:.2f} Mpixel ({config.detector}), one core, ms per frame "
+        f"(median over {FRAMES_PER_KIND} frames, best of {REPEATS}; stages: elapsed, total: CPU)"
     )
     header = f"{'frames':<8}" + "".join(f"{stage:>13}" for stage in STAGES) + f"{'total':>10}{'p90':>8}{'indexed':>9}"
     print(header)
