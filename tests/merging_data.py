@@ -56,12 +56,16 @@ def synthetic_run(
     ambiguous: bool = False,
     seed: int = 0,
     photons: float = 300.0,
+    diffraction_limit: float | None = None,
 ) -> SyntheticRun:
+    """``diffraction_limit``: no intensity at all beyond it (pure noise there, as past a crystal's limit)."""
     rng = np.random.default_rng(seed)
     group = space_group(symbol)
     mapper = AsuMapper(group, cell, d_min)
     wilson = rng.exponential(1.0, mapper.size)
     true = photons * wilson * np.exp(-0.5 * 20.0 * mapper.inv_d2)
+    if diffraction_limit is not None:
+        true[mapper.inv_d2 > diffraction_limit**-2] = 0.0
     operators = reciprocal_space_operators(group)
     modes = reindexing_modes(cell, group)
     frames, true_modes = [], []

@@ -123,6 +123,20 @@ def test_streaming_merge_matches_truth_and_improves_with_frames() -> None:
     assert correlation_with_truth(engine, run.mapper, run.true_intensity) == pytest.approx(before, abs=0.002)
 
 
+def test_frames_reaching_past_the_diffraction_limit_are_kept() -> None:
+    """Shells of pure noise (mean intensity about zero) must not make good frames look anti-correlated."""
+    run = synthetic_run(300, per_frame=250, d_min=1.6, diffraction_limit=2.2, seed=8)
+    engine = MergingEngine(TETRAGONAL, "P 43 21 2", MergingParameters(d_min=1.6))
+    for start in range(0, 300, 100):
+        engine.add_frames(run.frames[start : start + 100])
+    engine.rescale()
+    assert engine.frames_rejected == 0
+    merged = engine.merged()
+    index = run.mapper.lookup(merged.miller)
+    inside = merged.d >= 2.2
+    assert np.corrcoef(merged.intensity[inside], run.true_intensity[index][inside])[0, 1] > 0.99
+
+
 def test_duplicates_are_counted_once() -> None:
     run = synthetic_run(120, per_frame=150, seed=4)
     engine = MergingEngine(TETRAGONAL, "P 43 21 2", MergingParameters(d_min=2.0, bootstrap_frames=50))

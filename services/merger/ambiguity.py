@@ -38,7 +38,11 @@ def reindexing_modes(cell: Sequence[float], group: gemmi.SpaceGroup, tolerance_d
 
 
 def resolution_normalised(values: np.ndarray, inv_d2: np.ndarray, n_bins: int = 12) -> np.ndarray:
-    """Values divided by their mean in resolution bins (mean taken over the values themselves)."""
+    """Values divided by their root mean square in resolution bins (taken over the values themselves).
+
+    The RMS, not the mean: beyond the diffraction limit the mean of noisy intensities is near zero or negative,
+    and dividing by it would blow up or flip the sign of exactly the values that carry no information.
+    """
     if values.size == 0:
         return values.astype(float)
     # Bins of equal width in 1/d³ hold similar numbers of reflections, without the cost of quantiles.
@@ -46,9 +50,10 @@ def resolution_normalised(values: np.ndarray, inv_d2: np.ndarray, n_bins: int = 
     low, high = float(cube.min()), float(cube.max())
     bins = np.minimum(((cube - low) / max(high - low, 1e-12) * n_bins).astype(np.int64), n_bins - 1)
     count = np.bincount(bins).astype(float)
-    mean = np.bincount(bins, weights=values) / np.maximum(count, 1)
-    mean = np.where(np.abs(mean) > 0, mean, 1.0)
-    return np.asarray(values / mean[bins], dtype=float)
+    values = np.asarray(values, dtype=float)
+    rms = np.sqrt(np.bincount(bins, weights=values * values) / np.maximum(count, 1))
+    rms = np.where(rms > 0, rms, 1.0)
+    return np.asarray(values / rms[bins], dtype=float)
 
 
 def mode_correlations(

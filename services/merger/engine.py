@@ -358,7 +358,7 @@ class MergingEngine:
         known_mean = np.where(np.isfinite(reference[asu]), reference[asu], intensity)
         sigma = self.error_model.inflate(batch["sigma"] / correction, known_mean)
         cc, pairs = self._frame_correlations(
-            local, n_new, batch["intensity"] / batch["partiality"], reference[asu], inv_d2, batch["partiality"] ** 2
+            local, n_new, batch["intensity"] / batch["partiality"], reference[asu], batch["partiality"] ** 2
         )
         frames["cc"][first_frame:] = cc
         bad = ~np.isfinite(fit.scale) | self._poorly_correlated(cc, pairs)
@@ -385,20 +385,15 @@ class MergingEngine:
         n_frames: int,
         values: np.ndarray,
         reference: np.ndarray,
-        inv_d2: np.ndarray,
         weight: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """CC of each frame with the merge after dividing both by the mean intensity at each resolution.
+        """CC of each frame's unscaled intensities (I/p) with the merge, pairs weighted by partiality².
 
-        Judged on unscaled intensities with the fall-off removed: a fitted B can otherwise lend a frame of pure
-        noise the merge's fall-off and with it a respectable correlation.
+        Unscaled, because a fitted B can lend a frame of pure noise the merge's fall-off and with it a
+        respectable correlation; not normalised by resolution, because shells of pure noise beyond the
+        diffraction limit would then weigh as much as the shells that carry the signal.
         """
-        known = np.isfinite(reference)
-        normalised_values = np.full(values.size, np.nan)
-        normalised_reference = np.full(values.size, np.nan)
-        normalised_values[known] = resolution_normalised(values[known], inv_d2[known])
-        normalised_reference[known] = resolution_normalised(reference[known], inv_d2[known])
-        return grouped_correlation(frame, normalised_values, normalised_reference, n_frames, weight)
+        return grouped_correlation(frame, values, reference, n_frames, weight)
 
     def _normalised_values(self, values: np.ndarray, asu: np.ndarray) -> np.ndarray:
         return resolution_normalised(values, self.mapper.inv_d2[asu])
@@ -484,7 +479,7 @@ class MergingEngine:
                     has_others, (sum_w * reference[asu] - weight * scaled_before) / others_w, np.nan
                 ).astype(np.float32)
             del weight, sum_w, others_w, has_others
-            cc, pairs = self._frame_correlations(frame, n_frames, intensity / partiality, others, inv_d2, partiality**2)
+            cc, pairs = self._frame_correlations(frame, n_frames, intensity / partiality, others, partiality**2)
             active = np.isfinite(fit.scale) & ~self._poorly_correlated(cc, pairs)
             frames["cc"] = cc
             if iteration >= 1:
