@@ -236,12 +236,15 @@ def _refine_and_reindex(
     """Refine on the indexed spots, re-index every spot with the better model, refine again; None if rejected."""
     tolerance = parameters.indexing.hkl_tolerance
     result: RefinementResult | None = None
+    previous: tuple[np.ndarray, np.ndarray] | None = None
     for _ in range(2):
         miller, indexed, _ = index_with(A, r, tolerance)
         if indexed.sum() < parameters.indexing.min_indexed:
             return None
+        if previous is not None and np.array_equal(previous[0], indexed) and np.array_equal(previous[1], miller):
+            break  # the refined model indexes the same spots the same way: refining again changes nothing
         result = refine(A, miller[indexed], lab[indexed], beam.s0, symbol, parameters.refinement)
-        A = result.A
+        A, previous = result.A, (indexed, miller)
     assert result is not None
     n_indexed = int(result.used.sum())
     if n_indexed < parameters.indexing.min_indexed or n_indexed < parameters.indexing.min_indexed_fraction * len(r):
