@@ -49,7 +49,8 @@ def _parse_cell(text: str) -> tuple[float, float, float, float, float, float]:
     return (values[0], values[1], values[2], values[3], values[4], values[5])
 
 
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as a dict of dotted overrides; values are JSON when they parse, else strings."""
     overrides: dict[str, Any] = {}
     for item in items:
         key, separator, value = item.partition("=")
@@ -62,10 +63,13 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
+_parse_overrides = parse_overrides  # the name sfx process imports
+
+
 def run(arguments: argparse.Namespace) -> int:
     cell = _parse_cell(arguments.cell)
     try:
-        parameters = with_overrides(AnalysisParameters(), _parse_overrides(arguments.set))
+        parameters = with_overrides(AnalysisParameters(), parse_overrides(arguments.set))
     except ParameterError as error:
         raise CommandError(str(error)) from error
     if not arguments.file.exists():
