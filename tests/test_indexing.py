@@ -109,3 +109,35 @@ def test_a_second_weaker_lattice_does_not_confuse_the_first() -> None:
     operators = lattice_operators(CELL)
     assert misorientation_degrees(solution.A, A_first, operators)[0] < 0.2
     assert solution.indexed[: len(first)].mean() > 0.9
+
+
+@pytest.mark.parametrize(
+    ("cell", "symbol", "true_cell"),
+    [
+        ((52.0, 64.0, 71.0, 90.0, 90.0, 90.0), "P 21 21 21", (52.2, 63.8, 71.3, 90.0, 90.0, 90.0)),
+        ((60.0, 45.0, 50.0, 90.0, 104.0, 90.0), "C 1 2 1", (60.3, 45.1, 49.8, 90.0, 104.4, 90.0)),
+        ((100.0, 100.0, 60.0, 90.0, 90.0, 120.0), "P 61", (100.4, 100.4, 59.8, 90.0, 90.0, 120.0)),
+    ],
+)
+def test_other_lattice_systems_index_and_refine_within_their_constraints(
+    cell: tuple[float, ...], symbol: str, true_cell: tuple[float, ...]
+) -> None:
+    rng = np.random.default_rng(31)
+    A_true = random_rotations(1, rng)[0] @ b_matrix(true_cell)
+    grid = np.stack(np.meshgrid(*[np.arange(-60, 61)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    if symbol.startswith("C"):
+        grid = grid[(grid[:, 0] + grid[:, 1]) % 2 == 0]  # C-centring: h + k even
+    r = grid @ A_true.T
+    length = np.linalg.norm(r, axis=1)
+    near = (np.abs(excitation_error(r, BEAM.s0)) < 5e-4) & (length > 1 / 40) & (length < 1 / 2.2)
+    projected, _ = ewald_projection(r[near], BEAM.s0)
+    panel, fast, slow = DETECTOR.ray_to_pixel(projected + BEAM.s0)
+    on = panel >= 0
+    lab = DETECTOR.pixel_to_lab(panel[on], fast[on], slow[on])
+    observed = scattering_vectors(lab, BEAM.wavelength)
+    solution = index_known_cell(observed, cell, symbol, IndexingParameters())
+    assert solution is not None and solution.indexed.mean() > 0.9
+    used = lab[: len(solution.indexed)][solution.indexed]  # the indexer looks at the first max_spots spots
+    result = refine(solution.A, solution.miller[solution.indexed], used, BEAM.s0, symbol, RefinementParameters())
+    assert misorientation_degrees(result.A, A_true, lattice_operators(true_cell))[0] < 0.05
+    assert result.cell == pytest.approx(true_cell, rel=2e-3)
