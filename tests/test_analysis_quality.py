@@ -71,6 +71,7 @@ class Figures:
             "spot recall (I/σ≥5)": round(self.strong_found / max(self.strong_total, 1), 4),
             "spurious fraction": round(self.spots_spurious / max(self.spots_found, 1), 4),
             "indexing rate (hits with ≥15 strong)": round(self.indexable_indexed / max(self.indexable, 1), 4),
+            "indexed of all true hits": f"{len(self.misorientations)}/{self.true_hits}",
             "wrong lattices": self.wrong_lattice,
             "blanks indexed": self.blank_indexed,
             "median orientation error (deg)": round(float(np.median(self.misorientations)), 4)
