@@ -174,7 +174,13 @@ def test_french_wilson_amplitudes_agree_with_cctbx(
     )
     assert len(pairs) > 0.95 * len(ours)
     strong = pairs[:, 2] > 3
+    relative = float(np.median(np.abs(pairs[strong, 0] / pairs[strong, 1] - 1)))
+    correlation = float(np.corrcoef(pairs[:, 0], pairs[:, 1])[0, 1])
+    print(
+        f"French-Wilson vs cctbx: {len(pairs)} of {len(ours)}; median |ΔF/F| (I/σ > 3) {relative:.4f}; "
+        f"CC {correlation:.4f}"
+    )
     # Where the measurement dominates the prior the two must coincide; weak ones depend on each program's
     # estimate of the mean intensity per resolution bin.
-    assert np.median(np.abs(pairs[strong, 0] / pairs[strong, 1] - 1)) < 0.005
-    assert np.corrcoef(pairs[:, 0], pairs[:, 1])[0, 1] > 0.995
+    assert relative < 0.005
+    assert correlation > 0.995
