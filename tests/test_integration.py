@@ -8,7 +8,7 @@ import pytest
 from libs.common.crystal import b_matrix, random_rotations
 from libs.common.geometry import Beam, single_panel_detector
 from libs.common.parameters import IntegrationParameters
-from services.analysis.integration import Flag, Predictions, integrate, predict
+from services.analysis.integration import Flag, Predictions, integrate, predict, spot_profile_sigma
 from services.analysis.refinement import ExcitationWidth, excitation_error
 
 CELL = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)
@@ -123,3 +123,16 @@ def test_strong_pixels_of_a_neighbour_stay_out_of_the_background() -> None:
     marked = integrate(image, mask, flat, one, IntegrationParameters())
     assert marked.intensity[0] == pytest.approx(clean.intensity[0], abs=3 * np.sqrt(clean.variance[0]))
     assert marked.background[0] == pytest.approx(clean.background[0], abs=0.5)
+
+
+@pytest.mark.parametrize("sigma", [0.8, 1.6])
+def test_spot_width_is_measured_from_the_image(sigma: float) -> None:
+    rng = np.random.default_rng(6)
+    A = random_rotations(1, rng)[0] @ b_matrix(CELL)
+    predictions = predict(A, CELL, DETECTOR, BEAM, WIDTH, IntegrationParameters())
+    image = draw_frame(predictions, np.full(len(predictions), 2000.0), rng, sigma=sigma)
+    mask = np.ones(image.shape, dtype=bool)
+    measured = spot_profile_sigma(image, mask, predictions.panel, predictions.fast, predictions.slow)
+    assert measured is not None
+    # Pixel integration adds 1/12 px² to a Gaussian's variance.
+    assert measured == pytest.approx(np.sqrt(sigma**2 + 1 / 12), rel=0.15)

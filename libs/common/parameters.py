@@ -104,6 +104,11 @@ class IntegrationParameters(_Stage):
     foreground_radius: float = Field(3.0, gt=0.5, description="Pixels within this radius of the prediction (px)")
     background_radius: float = Field(7.0, gt=1, description="Outer radius of the background ring (px)")
     min_background_pixels: int = Field(20, ge=4, description="Fewer valid background pixels: reflection flagged")
+    adaptive_radius: bool = Field(
+        True,
+        description="Widen both radii for broad spots: foreground radius at least 3 σ of the spots' median "
+        "major-axis width measured on the frame (at most 10 px), the ring kept as wide as configured",
+    )
     overload: float = Field(1.0e9, gt=0, description="Counts at or above this make a reflection overloaded")
     min_partiality: float = Field(0.05, ge=0, lt=1, description="Reflections predicted less recorded are skipped")
 

@@ -203,6 +203,47 @@ def integrate(
     )
 
 
+def spot_profile_sigma(
+    image: np.ndarray, mask: np.ndarray, panel: np.ndarray, fast: np.ndarray, slow: np.ndarray, half_size: int = 5
+) -> float | None:
+    """Median σ (pixels) along the major axis of the spots at (panel, fast, slow), from background-subtracted
+    second moments in (2·half_size+1)² patches; None when no spot gives a usable estimate."""
+    _, n_slow, n_fast = image.shape
+    cf, cs = np.floor(fast).astype(int), np.floor(slow).astype(int)
+    inside = (cf >= half_size) & (cf < n_fast - half_size) & (cs >= half_size) & (cs < n_slow - half_size)
+    if not inside.any():
+        return None
+    offsets = np.arange(-half_size, half_size + 1)
+    base = (panel[inside] * n_slow + cs[inside]) * n_fast + cf[inside]
+    flat = base[:, None, None] + offsets[None, :, None] * n_fast + offsets[None, None, :]
+    pixels = image.ravel()[flat].astype(np.float64)
+    valid = mask.ravel()[flat]
+    border = np.ones((2 * half_size + 1,) * 2, dtype=bool)
+    border[1:-1, 1:-1] = False
+    # Background: the median of each patch's valid border pixels; only the excess above it carries the profile.
+    border_values = np.where(valid & border, pixels, np.nan)
+    level = np.nanmedian(border_values.reshape(len(pixels), -1), axis=1)
+    # Signed excess: clipping at zero would turn background noise into spurious width.
+    weight = np.where(valid, pixels - np.nan_to_num(level)[:, None, None], 0.0)
+    total = weight.sum(axis=(1, 2))
+    usable = np.all(valid, axis=(1, 2)) & (total > 0) & np.isfinite(level)
+    if not usable.any():
+        return None
+    weight, total = weight[usable], total[usable]
+    dx = (np.arange(-half_size, half_size + 1) + 0.5)[None, None, :] - (fast[inside][usable] - cf[inside][usable])[
+        :, None, None
+    ]
+    dy = (np.arange(-half_size, half_size + 1) + 0.5)[None, :, None] - (slow[inside][usable] - cs[inside][usable])[
+        :, None, None
+    ]
+    xx = (weight * dx * dx).sum(axis=(1, 2)) / total
+    yy = (weight * dy * dy).sum(axis=(1, 2)) / total
+    xy = (weight * dx * dy).sum(axis=(1, 2)) / total
+    # Largest eigenvalue of [[xx, xy], [xy, yy]].
+    major = 0.5 * (xx + yy) + np.sqrt(0.25 * (xx - yy) ** 2 + xy**2)
+    return float(np.sqrt(max(float(np.median(major)), 0.0)))
+
+
 def _fit_planes(
     pixels: np.ndarray, dx: np.ndarray, dy: np.ndarray, use: np.ndarray, gain: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

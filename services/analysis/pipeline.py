@@ -19,10 +19,10 @@ import numpy as np
 from libs.common.crystal import check_cell_fits_space_group, space_group
 from libs.common.geometry import Beam, Detector, scattering_vectors
 from libs.common.messages import FrameResult, ReflectionTable
-from libs.common.parameters import AnalysisParameters
+from libs.common.parameters import AnalysisParameters, IntegrationParameters
 from services.analysis.hitfinding import classify
 from services.analysis.indexing import index_known_cell, index_with
-from services.analysis.integration import IntegratedReflections, integrate, predict
+from services.analysis.integration import IntegratedReflections, integrate, predict, spot_profile_sigma
 from services.analysis.refinement import RefinementResult, refine
 from services.analysis.spotfinding import SpotFinder, SpotList
 
@@ -200,9 +200,10 @@ def process_frame(
     analysis.mosaicity_degrees = float(np.degrees(result.width.mosaic))
 
     start = time.perf_counter()
-    predictions = predict(result.A, known_cell, detector, beam, result.width, parameters.integration)
+    integration = _integration_parameters(parameters, image, context.mask, spots)
+    predictions = predict(result.A, known_cell, detector, beam, result.width, integration)
     integrated = integrate(
-        image, context.mask, found.strong, predictions, parameters.integration, gain=parameters.spotfinding.gain
+        image, context.mask, found.strong, predictions, integration, gain=parameters.spotfinding.gain
     )
     ok = integrated.integrated
     analysis.integration = integrated
@@ -222,6 +223,24 @@ def process_frame(
     }
     timings["integration"] = time.perf_counter() - start
     return analysis
+
+
+def _integration_parameters(
+    parameters: AnalysisParameters, image: np.ndarray, mask: np.ndarray, spots: SpotList
+) -> IntegrationParameters:
+    """The integration parameters for this frame: radii widened when its spots are broad (adaptive_radius)."""
+    integration = parameters.integration
+    if not integration.adaptive_radius or len(spots) == 0:
+        return integration
+    sigma = spot_profile_sigma(image, mask, spots.panel, spots.fast, spots.slow)
+    if sigma is None:
+        return integration
+    # Three σ of the major axis hold ~99 % of a Gaussian spot; never shrink below the configured radius.
+    radius = min(3.0 * sigma, 10.0)
+    if radius <= integration.foreground_radius:
+        return integration
+    ring = integration.background_radius - integration.foreground_radius
+    return integration.model_copy(update={"foreground_radius": radius, "background_radius": radius + ring})
 
 
 def _refine_and_reindex(
