@@ -16,7 +16,7 @@ from libs.common.messages import FrameResult
 from libs.common.parameters import AnalysisParameters, ParameterError, with_overrides
 from sfx.cli import CommandError
 from sfx.commands.merge import add_merge_arguments, finish, make_engine, merge_results, parse_cell
-from sfx.commands.process_frame import _parse_overrides
+from sfx.commands.process_frame import parse_overrides
 
 FRAMES_JSONL = "frames.jsonl"
 CHUNK_FRAMES = 8
@@ -94,7 +94,7 @@ def run(arguments: argparse.Namespace) -> int:
     engine = make_engine(arguments)
     if arguments.nproc < 1:
         raise CommandError(f"--nproc {arguments.nproc}: must be at least 1")
-    overrides = _parse_overrides(arguments.set)
+    overrides = parse_overrides(arguments.set)
     try:
         with_overrides(AnalysisParameters(), overrides)
     except ParameterError as error:
