@@ -14,6 +14,7 @@ from libs.common.formats import FormatError, open_run
 from libs.common.parameters import AnalysisParameters, ParameterError, with_overrides
 from services.analysis.pipeline import STAGES, AnalysisError, FrameAnalysis, process_frame
 from sfx.cli import CommandError
+from sfx.commands.merge import parse_cell
 
 
 def register(subparsers: Any) -> None:
@@ -38,17 +39,6 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=run)
 
 
-def _parse_cell(text: str) -> tuple[float, float, float, float, float, float]:
-    parts = text.replace(",", " ").split()
-    try:
-        values = [float(part) for part in parts]
-    except ValueError as error:
-        raise CommandError(f"--cell {text!r}: not six numbers") from error
-    if len(values) != 6:
-        raise CommandError(f"--cell {text!r}: expected six numbers (a b c alpha beta gamma), got {len(values)}")
-    return (values[0], values[1], values[2], values[3], values[4], values[5])
-
-
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``--set KEY=VALUE`` items as a dict of dotted overrides; values are JSON when they parse, else strings."""
     overrides: dict[str, Any] = {}
@@ -67,7 +57,7 @@ _parse_overrides = parse_overrides  # the name sfx process imports
 
 
 def run(arguments: argparse.Namespace) -> int:
-    cell = _parse_cell(arguments.cell)
+    cell = parse_cell(arguments.cell)
     try:
         parameters = with_overrides(AnalysisParameters(), parse_overrides(arguments.set))
     except ParameterError as error:
