@@ -1,4 +1,8 @@
-"""Prediction and summation integration on frames drawn from known intensities (Gaussian spots, sloped background)."""
+"""Prediction and summation integration on frames drawn from known intensities (Gaussian spots, sloped background).
+
+The known intensities are Lorentz-polarisation corrected (as the simulator's reflection-level truth): a spot holds
+I·L·P counts, and the corrected integrated intensity I/(L·P) is compared with I.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,14 @@ import pytest
 from libs.common.crystal import b_matrix, random_rotations
 from libs.common.geometry import Beam, single_panel_detector
 from libs.common.parameters import IntegrationParameters
-from services.analysis.integration import Flag, Predictions, integrate, predict, spot_profile_sigma
+from services.analysis.integration import (
+    LORENTZ_REFERENCE_WIDTH,
+    Flag,
+    Predictions,
+    integrate,
+    predict,
+    spot_profile_sigma,
+)
 from services.analysis.refinement import ExcitationWidth, excitation_error
 
 CELL = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)
@@ -41,7 +52,8 @@ def setup(seed: int) -> tuple[Predictions, np.ndarray, np.ndarray]:
     A = random_rotations(1, rng)[0] @ b_matrix(CELL)
     predictions = predict(A, CELL, DETECTOR, BEAM, WIDTH, IntegrationParameters())
     intensities = rng.exponential(300.0, len(predictions))
-    return predictions, intensities, draw_frame(predictions, intensities, rng)
+    counts = intensities * predictions.lorentz * predictions.polarisation
+    return predictions, intensities, draw_frame(predictions, counts, rng)
 
 
 def test_predictions_lie_near_the_ewald_sphere_with_gaussian_partiality() -> None:
@@ -64,6 +76,25 @@ def test_predictions_lie_near_the_ewald_sphere_with_gaussian_partiality() -> Non
     assert np.allclose(d_spacing_of_lab_points(lab, BEAM.wavelength), predictions.d_spacing, rtol=1e-6)
 
 
+def test_lorentz_and_polarisation_factors_follow_their_definitions() -> None:
+    rng = np.random.default_rng(7)
+    A = random_rotations(1, rng)[0] @ b_matrix(CELL)
+    beam = Beam(wavelength=1.3, polarization_fraction=0.9)
+    predictions = predict(A, CELL, DETECTOR, beam, WIDTH, IntegrationParameters())
+    r_length = np.linalg.norm(predictions.miller @ A.T, axis=1)
+    assert np.allclose(predictions.lorentz, LORENTZ_REFERENCE_WIDTH / WIDTH.sigma(r_length))
+    # Polarisation from the direction of the predicted pixel (sample at the origin).
+    lab = DETECTOR.pixel_to_lab(predictions.panel, predictions.fast, predictions.slow)
+    u = lab / np.linalg.norm(lab, axis=1, keepdims=True)
+    expected = 0.9 * (1 - u[:, 0] ** 2) + 0.1 * (1 - u[:, 1] ** 2)
+    assert np.allclose(predictions.polarisation, expected, atol=1e-6)
+    # Rays in the polarisation plane (along x) lose more than rays perpendicular to it (along y).
+    along_x = np.abs(u[:, 0]) > 2 * np.abs(u[:, 1])
+    along_y = np.abs(u[:, 1]) > 2 * np.abs(u[:, 0])
+    assert predictions.polarisation[along_x].mean() < predictions.polarisation[along_y].mean()
+    assert predictions.polarisation.min() < 0.95 and predictions.polarisation.max() <= 1.0
+
+
 @pytest.mark.parametrize("seed", [2, 3])
 def test_summation_recovers_intensities_with_honest_sigmas(seed: int) -> None:
     predictions, intensities, image = setup(seed)
@@ -76,12 +107,16 @@ def test_summation_recovers_intensities_with_honest_sigmas(seed: int) -> None:
     separation = np.linalg.norm(xy[:, None] - xy[None], axis=2) + np.eye(len(xy)) * 1e9
     isolated = ok & (separation.min(axis=1) > 16)
     assert isolated.sum() > 30
-    sigma = np.sqrt(result.variance[isolated])
-    pulls = (result.intensity[isolated] - intensities[isolated]) / sigma
+    corrected = result.corrected_intensity[isolated]
+    sigma = result.corrected_sigma[isolated]
+    correction = predictions.lorentz[isolated] * predictions.polarisation[isolated]
+    assert np.allclose(corrected * correction, result.intensity[isolated])
+    assert np.allclose(sigma * correction, np.sqrt(result.variance[isolated]))
+    pulls = (corrected - intensities[isolated]) / sigma
     # Almost all of a σ = 0.8 px Gaussian lies within the 3 px foreground: small bias, unit-width pulls.
     assert abs(float(np.median(pulls))) < 0.5
     assert 0.7 < float(np.std(pulls)) < 1.4
-    assert np.corrcoef(result.intensity[isolated], intensities[isolated])[0, 1] > 0.98
+    assert np.corrcoef(corrected, intensities[isolated])[0, 1] > 0.98
 
 
 def test_masked_overloaded_and_edge_reflections_are_flagged_not_reported() -> None:
@@ -113,6 +148,8 @@ def test_strong_pixels_of_a_neighbour_stay_out_of_the_background() -> None:
         partiality=predictions.partiality[k : k + 1],
         d_spacing=predictions.d_spacing[k : k + 1],
         excitation_error=predictions.excitation_error[k : k + 1],
+        lorentz=predictions.lorentz[k : k + 1],
+        polarisation=predictions.polarisation[k : k + 1],
     )
     mask = np.ones(image.shape, dtype=bool)
     clean = integrate(image, mask, np.zeros(0, dtype=np.int64), one, IntegrationParameters())

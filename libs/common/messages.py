@@ -144,8 +144,12 @@ class ReflectionTable(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     miller: PackedArray = Field(description="int16 (n, 3): h, k, l as indexed (not yet mapped to the ASU)")
-    intensity: PackedArray = Field(description="float32 (n,): summed intensity, background subtracted")
-    sigma: PackedArray = Field(description="float32 (n,): standard deviation of the intensity")
+    intensity: PackedArray = Field(
+        description="float32 (n,): summed intensity, background subtracted, Lorentz-polarisation corrected: "
+        "I/(L·P) with L = σ_ref/σ(|r|) the stills Lorentz factor and P the polarisation factor (beam polarised "
+        "along lab x), so E[intensity] = scale · exp(−B/2d²) · partiality · I_full (not divided by partiality)"
+    )
+    sigma: PackedArray = Field(description="float32 (n,): standard deviation of the intensity, also divided by L·P")
     partiality: PackedArray = Field(description="float32 (n,): estimated fraction of the reflection recorded")
 
     @model_validator(mode="after")

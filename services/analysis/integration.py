@@ -4,6 +4,13 @@ Prediction: every lattice point r = A·h within the resolution limit whose dista
 ``excitation_width_factor`` widths σ(|r|) (from refinement) is predicted where s1 = s0 + r' meets the detector, r'
 being r rotated onto the sphere. Its partiality estimate is the Gaussian exp(-ε²/2σ²) of that offset.
 
+Lorentz-polarisation correction (the simulator's reflection-level convention): a still records a fraction of a
+reflection proportional to 1/σ, so the stills Lorentz factor is L = σ_ref/σ(|r|) with σ(|r|) the refined width and
+σ_ref = 0.376/2000 Å⁻¹ a fixed reference (the width of a 2000 Å domain: L ≈ 1 for typical crystals; any constant
+would do, the merger's per-frame scale absorbs it). The polarisation factor of a beam polarised along lab x with
+fraction f is P = f·(1 − u_x²) + (1 − f)·(1 − u_y²), u the unit diffracted ray. The corrected intensity and σ are
+I/(L·P) and σ/(L·P), so E[I/(L·P)] = scale · exp(−B/2d²) · partiality · I_full.
+
 Integration, all reflections at once on (n, 2R+1, 2R+1) pixel patches: foreground = valid pixels within
 ``foreground_radius`` of the prediction; background = a ring out to ``background_radius`` of valid pixels that are
 not strong (so neighbouring spots never enter it), fitted by a plane a + b·dx + c·dy (least squares, then once more
@@ -26,6 +33,10 @@ from libs.common.geometry import Beam, Detector
 from libs.common.parameters import IntegrationParameters
 from services.analysis.refinement import ExcitationWidth, ewald_projection, excitation_error
 
+# σ_ref of the stills Lorentz factor L = σ_ref/σ: the width (1/Å) of a 2000 Å mosaic domain (0.376/D), the same
+# reference the simulator uses, so that corrected intensities of the two are on one scale.
+LORENTZ_REFERENCE_WIDTH = 0.376 / 2000.0
+
 
 class Flag(IntFlag):
     """Why a predicted reflection was not integrated (0: integrated)."""
@@ -45,6 +56,8 @@ class Predictions:
     partiality: np.ndarray  # float (n,)
     d_spacing: np.ndarray  # float (n,) Å
     excitation_error: np.ndarray  # float (n,) 1/Å
+    lorentz: np.ndarray  # float (n,): stills Lorentz factor σ_ref/σ(|r|)
+    polarisation: np.ndarray  # float (n,): polarisation factor of the diffracted ray
 
     def __len__(self) -> int:
         return int(self.miller.shape[0])
@@ -62,6 +75,16 @@ class IntegratedReflections:
     def integrated(self) -> np.ndarray:
         return self.flags == 0
 
+    @property
+    def corrected_intensity(self) -> np.ndarray:
+        """I/(L·P): the Lorentz-polarisation corrected intensity (what the FrameResult carries)."""
+        return self.intensity / (self.predictions.lorentz * self.predictions.polarisation)
+
+    @property
+    def corrected_sigma(self) -> np.ndarray:
+        """σ(I)/(L·P), σ(I) = sqrt(variance) (negative variances count as 0)."""
+        return np.sqrt(np.maximum(self.variance, 0.0)) / (self.predictions.lorentz * self.predictions.polarisation)
+
 
 @lru_cache(maxsize=8)
 def _miller_grid(cell: tuple[float, ...], d_min: float) -> tuple[np.ndarray, np.ndarray]:
@@ -77,6 +100,13 @@ def _miller_grid(cell: tuple[float, ...], d_min: float) -> tuple[np.ndarray, np.
     length_sq = np.einsum("ij,ij->i", h @ B.T, h @ B.T)
     keep = (length_sq > 0) & (length_sq <= 1.0 / d_min**2)
     return h[keep], length_sq[keep]
+
+
+def polarisation_factor(s1: np.ndarray, polarization_fraction: float) -> np.ndarray:
+    """Fraction of the scattered intensity along the rays s1 (n, 3) kept by a beam polarised along lab x."""
+    unit = s1 / np.linalg.norm(s1, axis=-1, keepdims=True)
+    along_x = polarization_fraction * (1.0 - unit[..., 0] ** 2)
+    return np.asarray(along_x + (1.0 - polarization_fraction) * (1.0 - unit[..., 1] ** 2))
 
 
 def detector_d_min(detector: Detector, beam: Beam) -> float:
@@ -121,9 +151,11 @@ def predict(
     h, r, epsilon, length, sigma = h[near], r[near], epsilon[near], length[near], sigma[near]
     partiality = np.exp(-0.5 * (epsilon / sigma) ** 2)
     enough = partiality >= parameters.min_partiality
-    h, r, epsilon, length, partiality = h[enough], r[enough], epsilon[enough], length[enough], partiality[enough]
+    h, r, epsilon, length, sigma = h[enough], r[enough], epsilon[enough], length[enough], sigma[enough]
+    partiality = partiality[enough]
     projected, _ = ewald_projection(r, s0)
-    panel, fast, slow = detector.ray_to_pixel(projected + s0)
+    s1 = projected + s0
+    panel, fast, slow = detector.ray_to_pixel(s1)
     on = panel >= 0
     return Predictions(
         miller=np.rint(h[on]).astype(int),
@@ -133,6 +165,8 @@ def predict(
         partiality=partiality[on],
         d_spacing=1.0 / length[on],
         excitation_error=epsilon[on],
+        lorentz=LORENTZ_REFERENCE_WIDTH / sigma[on],
+        polarisation=polarisation_factor(s1[on], beam.polarization_fraction),
     )
 
 

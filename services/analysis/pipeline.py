@@ -209,8 +209,8 @@ def process_frame(
     analysis.integration = integrated
     analysis.reflections = ReflectionTable.from_columns(
         miller=predictions.miller[ok],
-        intensity=integrated.intensity[ok],
-        sigma=np.sqrt(np.maximum(integrated.variance[ok], 0.0)),
+        intensity=integrated.corrected_intensity[ok],
+        sigma=integrated.corrected_sigma[ok],
         partiality=predictions.partiality[ok],
     )
     analysis.flag_counts = {
