@@ -232,16 +232,22 @@ class RunTruth:
         return FrameTruth(**values)
 
 
-def read_truth(path: str | Path) -> RunTruth:
-    """Load a truth file written by ``sfx simulate`` (``<stem>.truth.h5``)."""
-    path = Path(path)
+def _open_simulator_file(path: Path, expected_format: str) -> h5py.File:
+    """Open a file written by the simulator, checking its ``format`` attribute; TruthFileError names the defect."""
     try:
         file = h5py.File(path, "r")
     except OSError as error:
         raise TruthFileError(f"{path}: cannot open as HDF5 ({error})") from error
-    with file:
-        if file.attrs.get("format") != TRUTH_FORMAT:
-            raise TruthFileError(f"{path}: attribute 'format' is not {TRUTH_FORMAT!r}; not a simulation truth file")
+    if file.attrs.get("format") != expected_format:
+        file.close()
+        raise TruthFileError(f"{path}: attribute 'format' is not {expected_format!r}; not written by sfx simulate")
+    return file
+
+
+def read_truth(path: str | Path) -> RunTruth:
+    """Load a truth file written by ``sfx simulate`` (``<stem>.truth.h5``)."""
+    path = Path(path)
+    with _open_simulator_file(path, TRUTH_FORMAT) as file:
         try:
             config = SimulationConfig.model_validate_json(file.attrs["config"])
             frames = {name: file["frames"][name][()] for name in file["frames"]}
@@ -358,13 +364,7 @@ class ReflectionRun:
 def read_reflection_run(path: str | Path) -> ReflectionRun:
     """Load a reflection-level run written by ``sfx simulate --reflections-only``."""
     path = Path(path)
-    try:
-        file = h5py.File(path, "r")
-    except OSError as error:
-        raise TruthFileError(f"{path}: cannot open as HDF5 ({error})") from error
-    with file:
-        if file.attrs.get("format") != REFLECTIONS_FORMAT:
-            raise TruthFileError(f"{path}: attribute 'format' is not {REFLECTIONS_FORMAT!r}")
+    with _open_simulator_file(path, REFLECTIONS_FORMAT) as file:
         try:
             return ReflectionRun(
                 path=path,
