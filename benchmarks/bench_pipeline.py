@@ -22,7 +22,6 @@ from pathlib import Path
 
 from libs.common.bus import Topology, connect
 from libs.common.formats import open_run
-from libs.common.messages import MergeUpdate, decode_message
 from libs.common.parameters import AnalysisParameters
 from libs.common.settings import Settings
 from libs.common.state import LiveState
@@ -107,10 +106,8 @@ class Services:
         """Wall time at which the final MergeUpdate of ``run_id`` was published."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for key in self.state.redis.scan_iter(match=f"{self.settings.namespace}:merge:*"):
-                value = self.state.redis.get(key)
-                update = decode_message(value, MergeUpdate) if value else None
-                if update is not None and update.final and run_id in update.run_ids:
+            for update in self.state.merges():
+                if update.final and run_id in update.run_ids:
                     return update.published_at
             time.sleep(0.1)
         raise TimeoutError(f"no final merge of {run_id} after {timeout} s")

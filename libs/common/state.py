@@ -13,6 +13,8 @@ key                                  type     TTL                     content
 ``<ns>:run:<run>:<trial>:counters``  hash     state TTL, refreshed    frames, hits, indexed, failed, reflections
 ``<ns>:seen:<run>:<trial>``          bitmap   state TTL, refreshed    bit i set: frame i already counted
 ``<ns>:job:<job>``                   string   state TTL               latest JobState (JSON)
+``<ns>:jobs``                        zset     state TTL, refreshed    job id -> time of its last state
+``<ns>:merges``                      zset     state TTL, refreshed    JSON [dataset, trial] -> time of its last update
 ``<ns>:merge:<dataset>:<trial>``     string   state TTL               latest MergeUpdate (JSON)
 ``<ns>:service:<name>:<instance>``   string   3 x heartbeat period    latest ServiceHeartbeat (JSON)
 ``<ns>:ingest:rejected``             hash     state TTL, refreshed    file path -> latest FileRejected (JSON)
@@ -84,6 +86,12 @@ class Keys:
 
     def runs(self) -> str:
         return f"{self.namespace}:runs"
+
+    def jobs(self) -> str:
+        return f"{self.namespace}:jobs"
+
+    def merges(self) -> str:
+        return f"{self.namespace}:merges"
 
     def run(self, run_id: str) -> str:
         return f"{self.namespace}:run:{escape_word(run_id)}"
@@ -216,13 +224,33 @@ class LiveState:
         return self._load(self.keys.run(run_id), RunManifest)
 
     def save_job(self, job_state: JobState) -> None:
-        self.redis.set(self.keys.job(job_state.job_id), job_state.encode(), ex=self.ttl)
+        pipeline = self.redis.pipeline(transaction=True)
+        pipeline.set(self.keys.job(job_state.job_id), job_state.encode(), ex=self.ttl)
+        pipeline.zadd(self.keys.jobs(), {job_state.job_id: job_state.updated_at})
+        pipeline.expire(self.keys.jobs(), self.ttl)
+        pipeline.execute()
+
+    def jobs(self) -> list[JobState]:
+        """Latest state of every job, most recently updated first."""
+        ids: list[bytes] = self.redis.zrevrange(self.keys.jobs(), 0, -1)  # type: ignore[assignment]
+        states = [self.job(job_id.decode()) for job_id in ids]
+        return [state for state in states if state is not None]
 
     def job(self, job_id: str) -> JobState | None:
         return self._load(self.keys.job(job_id), JobState)
 
     def save_merge(self, update: MergeUpdate) -> None:
-        self.redis.set(self.keys.merge(update.dataset_id, update.trial), update.encode(), ex=self.ttl)
+        pipeline = self.redis.pipeline(transaction=True)
+        pipeline.set(self.keys.merge(update.dataset_id, update.trial), update.encode(), ex=self.ttl)
+        pipeline.zadd(self.keys.merges(), {json.dumps([update.dataset_id, update.trial]): update.published_at})
+        pipeline.expire(self.keys.merges(), self.ttl)
+        pipeline.execute()
+
+    def merges(self) -> list[MergeUpdate]:
+        """Latest MergeUpdate of every dataset and trial, most recently updated first."""
+        members: list[bytes] = self.redis.zrevrange(self.keys.merges(), 0, -1)  # type: ignore[assignment]
+        updates = [self.merge(*json.loads(member)) for member in members]
+        return [update for update in updates if update is not None]
 
     def merge(self, dataset_id: str, trial: str) -> MergeUpdate | None:
         return self._load(self.keys.merge(dataset_id, trial), MergeUpdate)
