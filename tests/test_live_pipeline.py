@@ -100,14 +100,14 @@ class Pipeline:
         )
         raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
-    def final_merge(self, run_ids: list[str], sample: str) -> MergeUpdate:
+    def final_merge(self, run_ids: list[str], sample: str, trial: str = "live") -> MergeUpdate:
         manifest = RunManifest(
             run_id=run_ids[0], files=["x"], file_format="nxmx", sample=sample, cell=CELL_TUPLE, space_group=SPACE_GROUP
         )
         dataset = dataset_id_for(manifest)
 
         def done() -> MergeUpdate | None:
-            update = self.state.merge(dataset, "live")
+            update = self.state.merge(dataset, trial)
             ready = update is not None and update.final and set(run_ids) <= set(update.run_ids) and update.mtz_path
             return update if ready else None
 
@@ -330,3 +330,36 @@ def test_restarting_the_merger_mid_run_gives_the_same_mtz(pipeline: Pipeline) ->
     reference_values = np.array([reference_columns[h] for h in sorted(reference_columns)])
     restarted_values = np.array([restarted_columns[h] for h in sorted(reference_columns)])
     np.testing.assert_allclose(restarted_values, reference_values, rtol=1e-5, atol=1e-6)
+
+
+def test_reprocess_runs_a_second_trial_merged_apart_from_live(pipeline: Pipeline) -> None:
+    frames = 12
+    pipeline.land(pipeline.simulate("run_r", frames, seed=15), sample="lyso-reprocess")
+    live = pipeline.final_merge(["run_r"], sample="lyso-reprocess")
+
+    refused = subprocess.run(
+        [*SFX, "reprocess", "run_r", "--trial", "strict", "--set", "spotfinding.no_such_thing=1"],
+        capture_output=True,
+        text=True,
+        env=pipeline.env,
+        cwd=REPO,
+    )
+    assert refused.returncode == 2 and "no_such_thing" in refused.stderr
+
+    subprocess.run(
+        [*SFX, "reprocess", "run_r", "--trial", "strict", "--set", "spotfinding.sigma_strong=6"],
+        check=True,
+        capture_output=True,
+        env=pipeline.env,
+        cwd=REPO,
+    )
+    strict = pipeline.final_merge(["run_r"], sample="lyso-reprocess", trial="strict")
+
+    assert pipeline.state.counters("run_r", "strict")["frames"] == frames
+    assert pipeline.state.counters("run_r", "live")["frames"] == frames  # the live trial is not disturbed
+    assert pipeline.state.merge(live.dataset_id, "live") == live
+    assert strict.mtz_path != live.mtz_path and strict.mtz_path is not None and Path(strict.mtz_path).exists()
+    live_spots = sum(r.spot_count for r in pipeline.journal(live))
+    strict_spots = sum(r.spot_count for r in pipeline.journal(strict))
+    assert {r.trial for r in pipeline.journal(strict)} == {"strict"}
+    assert strict_spots < live_spots  # a stricter threshold finds fewer spots: the trial's parameters were used

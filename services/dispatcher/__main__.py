@@ -6,7 +6,7 @@ import sys
 
 from libs.common.service import PeriodicTask, run_service, start_logging
 from services.dispatcher.backends import LocalMpiBackend
-from services.dispatcher.service import Dispatcher, make_consumer
+from services.dispatcher.service import Dispatcher, make_consumers
 
 
 def main() -> int:
@@ -14,7 +14,7 @@ def main() -> int:
     dispatcher = Dispatcher(settings, LocalMpiBackend(settings.work_dir))
     return run_service(
         "dispatcher",
-        [make_consumer(dispatcher, settings)],
+        make_consumers(dispatcher, settings),
         [PeriodicTask("poll-backend", 1.0, dispatcher.poll)],
         settings=settings,
         details=dispatcher.details,

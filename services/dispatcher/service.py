@@ -1,10 +1,12 @@
 """The dispatcher, first form: one analysis job per run and trial, started through a backend, tracked in Redis.
 
-A manifest for a run without a job starts one (``<run>.<trial>``); later revisions of the manifest of a live run
-need nothing, because the running job follows the growing files. The backend is polled once per period for all of
-its jobs; every change of a job's status is saved in Redis and published as a JobState. When a job succeeds its
-``frames_total`` is the number of frame indices its ranks covered, which tells the merger when the run is complete.
-On start the dispatcher adopts the jobs its backend still knows, so a restart neither forgets nor repeats a job.
+A manifest for a run without a job starts one (``<run>.live``); an operator's ReprocessRequest starts one per run
+under its own trial (``<run>.<trial>``) with the request's parameter overrides, merged apart by the merger. Later
+revisions of the manifest of a live run need nothing, because the running job follows the growing files. The backend
+is polled once per period for all of its jobs; every change of a job's status is saved in Redis and published as a
+JobState. When a job succeeds its ``frames_total`` is the number of frame indices its ranks covered, which tells the
+merger when the run is complete. On start the dispatcher adopts the jobs its backend still knows, so a restart
+neither forgets nor repeats a job.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any
 
 from libs.common.bus import Consumer, Publisher, Topology
 from libs.common.logging import get_logger
-from libs.common.messages import JobSpec, JobState, JobStatus, Priority, RunManifest, now
+from libs.common.messages import JobSpec, JobState, JobStatus, Priority, ReprocessRequest, RunManifest, now
+from libs.common.parameters import AnalysisParameters, with_overrides
 from libs.common.settings import Settings
 from libs.common.state import LiveState
 from services.dispatcher.backends import Backend, BackendJobStatus, RunState
@@ -49,18 +52,47 @@ class Dispatcher:
                 log.info("adopted job", job_id=job_id, status=known.status.value)
 
     def handle_manifest(self, manifest: RunManifest) -> None:
-        trial = "live"
+        reason = f"new run {manifest.run_id} ({'live' if manifest.live else 'complete'})"
+        self._start(manifest, "live", {}, Priority.LIVE, reason)
+
+    def handle_reprocess(self, request: ReprocessRequest) -> None:
+        """Start a job per run under the request's trial; the live trial is not touched."""
+        try:
+            with_overrides(AnalysisParameters(), request.parameters)
+        except ValueError as error:
+            log.error("reprocess request refused", trial=request.trial, error=str(error))
+            for run_id in request.run_ids:
+                self._record(self._refused(run_id, request.trial, f"invalid parameters: {error}"))
+            return
+        for run_id in request.run_ids:
+            manifest = self.state.run(run_id)
+            if manifest is None:
+                log.error("reprocess request names an unknown run", run_id=run_id, trial=request.trial)
+                self._record(self._refused(run_id, request.trial, f"run {run_id} is unknown (no manifest in Redis)"))
+                continue
+            reason = f"reprocess requested by {request.requested_by or 'an operator'}"
+            self._start(manifest, request.trial, request.parameters, Priority.REPROCESS, reason)
+
+    def _refused(self, run_id: str, trial: str, reason: str) -> JobState:
+        return JobState(
+            job_id=job_id_for(run_id, trial), run_id=run_id, trial=trial, status=JobStatus.FAILED, reason=reason
+        )
+
+    def _start(
+        self, manifest: RunManifest, trial: str, parameters: dict[str, Any], priority: Priority, reason: str
+    ) -> None:
         job_id = job_id_for(manifest.run_id, trial)
         with self._lock:
             existing = self.active.get(job_id) or self.state.job(job_id)
             if existing is not None and existing.status is not JobStatus.FAILED:
-                log.debug("manifest needs no new job", job_id=job_id, status=existing.status.value)
+                log.debug("no new job needed", job_id=job_id, status=existing.status.value)
                 return
             spec = JobSpec(
                 job_id=job_id,
                 manifest=manifest,
                 trial=trial,
-                priority=Priority.LIVE,
+                parameters=parameters,
+                priority=priority,
                 ranks=self.settings.analysis_ranks,
             )
             backend_id = self.backend.start(spec)
@@ -72,10 +104,10 @@ class Dispatcher:
                 slots=spec.ranks,
                 frames_total=None,
                 backend_id=backend_id,
-                reason=f"new run {manifest.run_id} ({'live' if manifest.live else 'complete'})",
+                reason=reason,
             )
             self.active[job_id] = state
-        log.info("job started", job_id=job_id, ranks=spec.ranks, backend_id=backend_id, reason=state.reason)
+        log.info("job started", job_id=job_id, ranks=spec.ranks, backend_id=backend_id, reason=reason)
         self._record(state)
 
     def poll(self) -> None:
@@ -129,11 +161,21 @@ class Dispatcher:
             self._publisher.close()
 
 
-def make_consumer(dispatcher: Dispatcher, settings: Settings) -> Consumer:
-    return Consumer(
-        Topology(settings).queue("dispatcher.runs"),
-        RunManifest,
-        dispatcher.handle_manifest,
-        settings=settings,
-        name="dispatcher-runs",
-    )
+def make_consumers(dispatcher: Dispatcher, settings: Settings) -> list[Consumer]:
+    topology = Topology(settings)
+    return [
+        Consumer(
+            topology.queue("dispatcher.runs"),
+            RunManifest,
+            dispatcher.handle_manifest,
+            settings=settings,
+            name="dispatcher-runs",
+        ),
+        Consumer(
+            topology.queue("dispatcher.control"),
+            ReprocessRequest,
+            dispatcher.handle_reprocess,
+            settings=settings,
+            name="dispatcher-control",
+        ),
+    ]
