@@ -59,24 +59,24 @@ _ANGLE_IN_RAD = {"rad": 1.0, "radian": 1.0, "radians": 1.0, "deg": np.pi / 180, 
 _ANGLE_IN_RAD["degrees"] = _ANGLE_IN_RAD["deg"]
 
 
-def length_scale_mm(units: str | None, path: str | Path, field: str) -> float:
-    """Millimetres per unit of a length ``units`` string; FormatError naming the field if unknown or missing."""
+def _unit_scale(units: str | None, table: dict[str, float], kind: str, path: str | Path, field: str) -> float:
+    """Factor of a ``units`` string from ``table``; FormatError naming the field if unknown or missing."""
     if units is None:
         raise FormatError(path, "has no units attribute", field=field)
     key = units.strip().lower()
-    if key not in _LENGTH_IN_MM:
-        raise FormatError(path, f"unknown length units {units!r}", field=field)
-    return _LENGTH_IN_MM[key]
+    if key not in table:
+        raise FormatError(path, f"unknown {kind} units {units!r}", field=field)
+    return float(table[key])
+
+
+def length_scale_mm(units: str | None, path: str | Path, field: str) -> float:
+    """Millimetres per unit of a length ``units`` string."""
+    return _unit_scale(units, _LENGTH_IN_MM, "length", path, field)
 
 
 def angle_scale_rad(units: str | None, path: str | Path, field: str) -> float:
     """Radians per unit of an angle ``units`` string."""
-    if units is None:
-        raise FormatError(path, "has no units attribute", field=field)
-    key = units.strip().lower()
-    if key not in _ANGLE_IN_RAD:
-        raise FormatError(path, f"unknown angle units {units!r}", field=field)
-    return float(_ANGLE_IN_RAD[key])
+    return _unit_scale(units, _ANGLE_IN_RAD, "angle", path, field)
 
 
 def as_text(value: Any) -> str:
