@@ -35,6 +35,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
+import numpy as np
 import redis
 
 from libs.common.bus import escape_word
@@ -189,6 +190,12 @@ class LiveState:
     def frames_seen(self, run_id: str, trial: str) -> int:
         """How many distinct frames of a run were counted under a trial."""
         return int(self.redis.bitcount(self.keys.seen(run_id, trial)))
+
+    def seen_frames(self, run_id: str, trial: str) -> np.ndarray:
+        """Bool array: element i is True when frame i was counted (one read of the bitmap, for a whole job)."""
+        raw: bytes | None = self.redis.get(self.keys.seen(run_id, trial))  # type: ignore[assignment]
+        # Redis numbers bits from the most significant bit of the first byte, as unpackbits does by default.
+        return np.unpackbits(np.frombuffer(raw or b"", dtype=np.uint8)).astype(bool)
 
     def was_seen(self, run_id: str, trial: str, frame_index: int) -> bool:
         return bool(self.redis.getbit(self.keys.seen(run_id, trial), frame_index))

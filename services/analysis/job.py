@@ -89,6 +89,9 @@ class RankWorker:
         self.parameters, self.cell, self.space_group = prepare(spec)
         self.state = LiveState(settings)
         self.progress = RankProgress()
+        # Frames counted under this trial before the job started (a job resumed after preemption) are skipped.
+        # One read at start keeps Redis off the per-frame path.
+        self.done_before = self.state.seen_frames(spec.manifest.run_id, spec.trial)
         self.host = socket.gethostname()
 
     def run(self) -> RankProgress:
@@ -115,7 +118,7 @@ class RankWorker:
             for index in counter.take_block():
                 if not self._wait_for_frame(reader, index):
                     return
-                if self.state.was_seen(self.spec.manifest.run_id, self.spec.trial, index):
+                if index < len(self.done_before) and self.done_before[index]:
                     self.progress.skipped += 1
                     continue
                 self.progress.pending.append(self._process(reader, context, index))
