@@ -17,6 +17,32 @@ from tests.conftest import settings_environment
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_job(
+    settings: Settings, folder: Path, run: Path, parameters: dict[str, object] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the analysis of ``run`` (run id = file stem, trial live) as the dispatcher would: mpiexec -n 2."""
+    manifest = RunManifest(
+        run_id=run.stem,
+        files=[str(run)],
+        file_format="nxmx",
+        cell=(79.1, 79.1, 38.0, 90.0, 90.0, 90.0),
+        space_group="P 43 21 2",
+    )
+    spec = folder / "spec.json"
+    spec.write_bytes(
+        JobSpec(job_id=f"{run.stem}.live", manifest=manifest, ranks=2, parameters=parameters or {}).encode()
+    )
+    mpiexec = str(Path(sys.executable).with_name("mpiexec"))
+    return subprocess.run(
+        [mpiexec, "-n", "2", sys.executable, "-m", "services.analysis", "--job", str(spec)],
+        capture_output=True,
+        text=True,
+        env=settings_environment(settings),
+        cwd=REPO,
+        timeout=300,
+    )
+
+
 def test_ranks_share_the_frames_and_skip_those_already_counted(
     settings: Settings, live_state: LiveState, tmp_path: Path
 ) -> None:
@@ -32,24 +58,8 @@ def test_ranks_share_the_frames_and_skip_those_already_counted(
         live_state.count_frame_once("run_j", "live", index)
     assert list(live_state.seen_frames("run_j", "live").nonzero()[0]) == sorted(already_counted)
 
-    manifest = RunManifest(
-        run_id="run_j",
-        files=[str(run)],
-        file_format="nxmx",
-        cell=(79.1, 79.1, 38.0, 90.0, 90.0, 90.0),
-        space_group="P 43 21 2",
-    )
-    spec = tmp_path / "spec.json"
-    spec.write_bytes(JobSpec(job_id="run_j.live", manifest=manifest, ranks=2).encode())
-    mpiexec = str(Path(sys.executable).with_name("mpiexec"))
-    subprocess.run(
-        [mpiexec, "-n", "2", sys.executable, "-m", "services.analysis", "--job", str(spec)],
-        check=True,
-        capture_output=True,
-        env=settings_environment(settings),
-        cwd=REPO,
-        timeout=300,
-    )
+    finished = run_job(settings, tmp_path, run)
+    assert finished.returncode == 0, finished.stderr
 
     ranks = live_state.rank_status("run_j.live")
     assert sorted(ranks) == [0, 1]
@@ -67,3 +77,19 @@ def test_ranks_share_the_frames_and_skip_those_already_counted(
             published.append(decode_message(message.body, FrameResult))
     assert sorted(r.frame_index for r in published) == processed
     assert all(r.error is None and r.job_id == "run_j.live" for r in published)
+
+
+def test_resolution_limits_that_select_no_pixel_fail_the_job_on_every_rank(settings: Settings, tmp_path: Path) -> None:
+    run = tmp_path / "run_r.h5"
+    subprocess.run(  # at 50 mm the detector covers about 1.2–26.5 Å (the beam stop hides the lower resolutions)
+        [sys.executable, "-m", "sfx", "simulate", "--out", str(run), "--frames", "1", "--distance", "50"],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+    )
+    finished = run_job(settings, tmp_path, run, {"spotfinding.d_min": 40.0, "spotfinding.d_max": 50.0})
+    assert finished.returncode == 3, finished.stderr
+    assert "analysis job failed: run run_r, trial live: spotfinding.d_min=40 Å and d_max=50 Å select no pixel" in (
+        finished.stderr
+    )
+    assert "this detector covers 1." in finished.stderr

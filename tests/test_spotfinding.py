@@ -14,7 +14,9 @@ from libs.common.parameters import (
     with_overrides,
 )
 from services.analysis.hitfinding import classify, resolution_from_spots
-from services.analysis.spotfinding import SpotFinder, SpotfindingError
+from services.analysis.integration import detector_d_min
+from services.analysis.pipeline import AnalysisContext, AnalysisError
+from services.analysis.spotfinding import SpotFinder, SpotfindingError, covered_d_range
 
 BEAM = Beam(wavelength=1.3)
 
@@ -162,6 +164,47 @@ def test_bad_inputs_name_what_is_wrong() -> None:
     finder = SpotFinder(detector, BEAM, np.ones((1, 64, 64), bool), SpotfindingParameters())
     with pytest.raises(SpotfindingError, match="image has shape"):
         finder.find(np.zeros((1, 64, 65), np.int32))
+
+
+def test_resolution_limits_that_select_no_pixel_are_refused_naming_the_values() -> None:
+    detector = single_panel_detector(n_fast=256, n_slow=256, beam_centre=(-30.0, 100.0))  # the beam misses it
+    mask = np.ones(detector.frame_shape, dtype=bool)
+    centres = detector.resolution_map(BEAM)
+    lowest, highest = covered_d_range(detector, BEAM, mask)
+    # Over the pixel areas: at the panel's outer corner, just beyond the pixel centres' extremes.
+    assert lowest == pytest.approx(detector_d_min(detector, BEAM), rel=1e-12) and lowest <= centres.min()
+    assert highest >= centres.max() and highest == pytest.approx(centres.max(), rel=0.03)
+    covers = f"this detector covers {lowest:.2f}–{highest:.2f} Å"
+
+    def finder(**limits: float) -> SpotFinder:
+        return SpotFinder(detector, BEAM, mask, SpotfindingParameters(**limits))
+
+    with pytest.raises(SpotfindingError) as refused:
+        finder(d_min=80.0, d_max=90.0)
+    assert str(refused.value) == f"spotfinding.d_min=80 Å and d_max=90 Å select no pixel: {covers}"
+    with pytest.raises(SpotfindingError, match=r"^spotfinding\.d_max=4\.5 Å selects no pixel: this detector covers"):
+        finder(d_max=4.5)
+    with pytest.raises(SpotfindingError, match=r"^spotfinding\.d_min=70 Å selects no pixel"):
+        finder(d_min=70.0)
+    for limits in ({"d_min": 6.0, "d_max": 30.0}, {"d_min": 1.0, "d_max": 5.5}, {"d_min": 50.0}, {"d_max": 5.5}):
+        finder(**limits)  # any overlap, however small, is allowed
+    # The analysis context (built once per run) refuses them as an AnalysisError with the same text.
+    parameters = with_overrides(AnalysisParameters(), {"spotfinding.d_min": 80.0, "spotfinding.d_max": 90.0})
+    with pytest.raises(AnalysisError) as failed:
+        AnalysisContext(detector, BEAM, mask, parameters)
+    assert str(failed.value) == str(refused.value)
+
+    # Masked pixels cover nothing: masking all beyond 20 Å makes d_min=25 select no pixel.
+    mask = centres < 20.0
+    lowest, highest = covered_d_range(detector, BEAM, mask)
+    assert highest == pytest.approx(20.0, rel=0.01) and lowest == pytest.approx(detector_d_min(detector, BEAM))
+    with pytest.raises(SpotfindingError, match=r"d_min=25 Å selects no pixel: this detector covers 5\.\d\d–20\.\d\d Å"):
+        finder(d_min=25.0)
+    # A direct beam on an unmasked pixel: every resolution below the corners' is covered.
+    centred = single_panel_detector(n_fast=64, n_slow=64)
+    with pytest.raises(SpotfindingError, match=r"covers d ≥ \d+\.\d\d Å \(the direct beam falls on an unmasked"):
+        SpotFinder(centred, BEAM, np.ones(centred.frame_shape, bool), SpotfindingParameters(d_max=10.0))
+    SpotFinder(centred, BEAM, np.ones(centred.frame_shape, bool), SpotfindingParameters(d_min=1000.0))
 
 
 def test_hit_decision_and_resolution_estimate() -> None:

@@ -26,7 +26,7 @@ from libs.common.parameters import AnalysisParameters, with_overrides
 from libs.common.settings import Settings
 from libs.common.state import LiveState
 from services.analysis.frame_queue import SharedFrameCounter
-from services.analysis.pipeline import AnalysisContext, get_context, process_frame
+from services.analysis.pipeline import AnalysisContext, AnalysisError, get_context, process_frame
 
 log = get_logger(__name__)
 
@@ -104,7 +104,10 @@ class RankWorker:
         publisher = Publisher(self.settings, role=f"analysis {self.spec.job_id} rank {self.rank}")
         try:
             with reader:
-                context = get_context(reader.detector, reader.beam, reader.mask, self.parameters)
+                try:
+                    context = get_context(reader.detector, reader.beam, reader.mask, self.parameters)
+                except AnalysisError as error:  # the same on every rank: no frame could be analysed
+                    raise JobError(f"run {manifest.run_id}, trial {self.spec.trial}: {error}") from error
                 self._loop(reader, context, counter, publisher)
             self._flush(publisher, force=True)
         finally:

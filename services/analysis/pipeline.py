@@ -24,13 +24,13 @@ from services.analysis.hitfinding import classify
 from services.analysis.indexing import index_known_cell, index_with
 from services.analysis.integration import IntegratedReflections, integrate, predict, spot_profile_sigma
 from services.analysis.refinement import RefinementResult, refine
-from services.analysis.spotfinding import SpotFinder, SpotList
+from services.analysis.spotfinding import SpotFinder, SpotfindingError, SpotList
 
 STAGES = ("spotfinding", "hitfinding", "indexing", "refinement", "integration")
 
 
 class AnalysisError(ValueError):
-    """Inputs the analysis cannot work with (shapes, cell, space group); the text names the defect."""
+    """Inputs the analysis cannot work with (shapes, cell, space group, resolution limits); the text names them."""
 
 
 @dataclass
@@ -102,7 +102,10 @@ class AnalysisContext:
         self.beam = beam
         self.mask = mask
         self.parameters = parameters
-        self.spot_finder = SpotFinder(detector, beam, mask, parameters.spotfinding)
+        try:
+            self.spot_finder = SpotFinder(detector, beam, mask, parameters.spotfinding)
+        except SpotfindingError as error:  # e.g. resolution limits that no pixel of this detector meets
+            raise AnalysisError(str(error)) from error
         self.key = context_key(detector, beam, mask, parameters)
 
 

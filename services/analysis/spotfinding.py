@@ -23,12 +23,12 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from libs.common.geometry import Beam, Detector, d_spacing_of_lab_points
+from libs.common.geometry import Beam, Detector, Panel, d_spacing_of_lab_points
 from libs.common.parameters import SpotfindingParameters
 
 
 class SpotfindingError(ValueError):
-    """Inputs that do not fit together (shapes of image, mask, gain, detector)."""
+    """Inputs that do not fit together (shapes of image, mask, gain, detector; resolution limits no pixel meets)."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,7 @@ class SpotFinder:
             raise SpotfindingError(f"gain map has shape {np.shape(gain_map)}, the detector's frames have {shape}")
         if gain_map is not None and not np.all(np.asarray(gain_map)[mask] > 0):
             raise SpotfindingError("gain map must be positive on every valid pixel")
+        _check_resolution_limits(detector, beam, mask, parameters)
         self.detector = detector
         self.beam = beam
         self.parameters = parameters
@@ -275,6 +276,103 @@ def _running_sum_along_slow(values: np.ndarray, size: int, levels: list[np.ndarr
             following = levels[level]
             np.add(block[:, :-width], block[:, width:], out=following)
             block, width, level = following, width * 2, level + 1
+
+
+def _check_resolution_limits(
+    detector: Detector, beam: Beam, mask: np.ndarray, parameters: SpotfindingParameters
+) -> None:
+    """SpotfindingError naming the limits when d_min/d_max select no unmasked pixel (every spot would be dropped)."""
+    d_min, d_max = parameters.d_min, parameters.d_max
+    if d_min is None and d_max is None:
+        return
+    lowest, highest = covered_d_range(detector, beam, mask)
+    if (d_min is None or d_min <= highest) and (d_max is None or d_max >= lowest):
+        return
+    if d_min is not None and d_max is not None:
+        chosen = f"spotfinding.d_min={d_min:g} Å and d_max={d_max:g} Å select"
+    elif d_min is not None:
+        chosen = f"spotfinding.d_min={d_min:g} Å selects"
+    else:
+        chosen = f"spotfinding.d_max={d_max:g} Å selects"
+    if not np.isfinite(lowest):
+        covered = "no pixel at all: every pixel is masked"
+    elif np.isfinite(highest):
+        covered = f"{lowest:.2f}–{highest:.2f} Å"
+    else:
+        covered = f"d ≥ {lowest:.2f} Å (the direct beam falls on an unmasked pixel)"
+    raise SpotfindingError(f"{chosen} no pixel: this detector covers {covered}")
+
+
+def covered_d_range(detector: Detector, beam: Beam, mask: np.ndarray, block: int = 32) -> tuple[float, float]:
+    """Smallest and largest d-spacing (Å) over the areas of the unmasked pixels; (inf, 0) when all are masked.
+
+    Exact, at a small cost once per run: each block × block tile of a panel with an unmasked pixel is bounded over
+    its whole rectangle, and only the few tiles whose bound could hold an extreme are then resolved pixel by pixel.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    _, n_slow, n_fast = mask.shape
+    slow_starts, fast_starts = np.arange(0, n_slow, block), np.arange(0, n_fast, block)
+    occupied = np.logical_or.reduceat(np.logical_or.reduceat(mask, slow_starts, axis=1), fast_starts, axis=2)
+    panel_of, row, col = np.nonzero(occupied)
+    if panel_of.size == 0:
+        return np.inf, 0.0
+    s0, f0 = slow_starts[row], fast_starts[col]
+    s1, f1 = np.minimum(s0 + block, n_slow), np.minimum(f0 + block, n_fast)
+    tile_low, tile_high = np.empty(panel_of.size), np.empty(panel_of.size)
+    for index, panel in enumerate(detector.panels):
+        on = panel_of == index
+        tile_low[on], tile_high[on] = _rectangle_d_ranges(panel, beam.wavelength, f0[on], f1[on], s0[on], s1[on])
+
+    def pixels_of(tile: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact d range of each unmasked pixel in one tile."""
+        slow, fast = np.nonzero(mask[panel_of[tile], s0[tile] : s1[tile], f0[tile] : f1[tile]])
+        fast, slow = fast + f0[tile], slow + s0[tile]
+        return _rectangle_d_ranges(detector.panels[panel_of[tile]], beam.wavelength, fast, fast + 1, slow, slow + 1)
+
+    # Branch and bound: a tile's bound is never beyond its pixels, so tiles past the best exact value are skipped.
+    lowest = np.inf
+    for tile in np.argsort(tile_low, kind="stable"):
+        if tile_low[tile] >= lowest:
+            break
+        lowest = min(lowest, float(pixels_of(tile)[0].min()))
+    highest = 0.0
+    for tile in np.argsort(-tile_high, kind="stable"):
+        if tile_high[tile] <= highest:
+            break
+        highest = max(highest, float(pixels_of(tile)[1].max()))
+    return lowest, highest
+
+
+def _rectangle_d_ranges(
+    panel: Panel, wavelength: float, f0: np.ndarray, f1: np.ndarray, s0: np.ndarray, s1: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Smallest and largest d-spacing (Å) over each rectangle [f0, f1] × [s0, s1] (pixel coordinates) of a panel.
+
+    On a flat panel the points within a scattering angle 2θ < 90° form a cone cut by a plane, a convex set, so 2θ
+    is largest at a corner of the rectangle (the smallest d) and smallest where the direct beam meets the rectangle
+    (d infinite) or else on an edge. Along the line a + t·e of an edge cos 2θ = -z/|p| has one stationary point,
+    t* = (a_z·(a·e) - e_z·|a|²) / (e_z·(a·e) - a_z·|e|²); the edge's extremes are among its ends and t* if inside.
+    """
+    f0, f1, s0, s1 = (np.asarray(v, dtype=float) for v in (f0, f1, s0, s1))
+    # The four edges of every rectangle: start (fast, slow), unit pixel step along fast or slow, length in pixels.
+    start_f = np.concatenate([f0, f0, f0, f1])
+    start_s = np.concatenate([s0, s1, s0, s0])
+    length = np.concatenate([f1 - f0, f1 - f0, s1 - s0, s1 - s0])
+    fast_step, slow_step = (np.asarray(axis) * panel.pixel_size for axis in (panel.fast_axis, panel.slow_axis))
+    step = np.repeat(np.stack([fast_step, slow_step]), 2 * f0.size, axis=0)
+    a = panel.pixel_to_lab(start_f, start_s)
+    a_e, a_a, e_e = np.einsum("ij,ij->i", a, step), np.einsum("ij,ij->i", a, a), np.einsum("ij,ij->i", step, step)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (a[:, 2] * a_e - step[:, 2] * a_a) / (step[:, 2] * a_e - a[:, 2] * e_e)
+    t = np.where(np.isfinite(t), np.clip(t, 0.0, length), 0.0)
+    ends = d_spacing_of_lab_points(np.stack([a, a + step * length[:, None]]), wavelength)  # (2, 4n)
+    stationary = d_spacing_of_lab_points(a + step * t[:, None], wavelength)
+    low = ends.min(axis=0).reshape(4, -1).min(axis=0)
+    high = np.maximum(ends.max(axis=0), stationary).reshape(4, -1).max(axis=0)
+    fast, slow, hit = panel.ray_to_pixel(np.array([0.0, 0.0, -1.0]))
+    if hit:
+        high[(f0 <= fast) & (fast <= f1) & (s0 <= slow) & (slow <= s1)] = np.inf
+    return low, high
 
 
 def find_spots(
