@@ -76,18 +76,10 @@ class Services:
             ingest_quiet_seconds=1.0,
             ingest_poll_seconds=0.25,
             merge_update_seconds=0.5,
-            analysis_ranks=RANKS,
+            ranks_per_node=RANKS,
+            log_format="json",
         )
-        self.env = {
-            "SFX_NAMESPACE": self.settings.namespace,
-            "SFX_WORK_DIR": str(self.settings.work_dir),
-            "SFX_LANDING_DIRS": json.dumps([str(self.landing)]),
-            "SFX_INGEST_QUIET_SECONDS": "1",
-            "SFX_INGEST_POLL_SECONDS": "0.25",
-            "SFX_MERGE_UPDATE_SECONDS": "0.5",
-            "SFX_ANALYSIS_RANKS": str(RANKS),
-            "SFX_LOG_FORMAT": "json",
-        }
+        self.env = self.settings.to_environment()
         self.state = LiveState(self.settings)
 
     def __enter__(self) -> Services:

@@ -35,17 +35,7 @@ def make_settings(**overrides: object) -> Settings:
 
 def settings_environment(settings: Settings) -> dict[str, str]:
     """The environment that gives a subprocess (a service, the ``sfx`` command) the same settings."""
-    return {
-        **os.environ,
-        "SFX_AMQP_URL": settings.amqp_url,
-        "SFX_REDIS_URL": settings.redis_url,
-        "SFX_NAMESPACE": settings.namespace,
-        "SFX_PREFETCH": str(settings.prefetch),
-        "SFX_DELIVERY_LIMIT": str(settings.delivery_limit),
-        "SFX_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
-        "SFX_STATE_TTL_SECONDS": str(settings.state_ttl_seconds),
-        "SFX_LOG_FORMAT": "json",
-    }
+    return {**os.environ, **settings.to_environment(), "SFX_LOG_FORMAT": "json"}
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 
@@ -31,8 +32,21 @@ class Settings(BaseSettings):
     landing_dirs: list[Path] = Field(default_factory=list, description="Directories the ingest service watches")
     work_dir: Path = Field(Path("/tmp/sfx-live"), description="Where services write outputs and checkpoints")
     merge_update_seconds: float = Field(2.0, gt=0, description="Period of the merger's MergeUpdate messages")
-    analysis_ranks: int = Field(
-        2, ge=1, le=100_000, description="MPI ranks of one analysis job (first-form dispatcher)"
+    reservation_nodes: int = Field(1, ge=1, le=10_000, description="Nodes the experiment has reserved")
+    ranks_per_node: int = Field(2, ge=1, le=1_000, description="MPI ranks (slots) one reserved node runs")
+    burst_slots: int = Field(
+        0, ge=0, le=100_000, description="Slots live runs may use beyond the reservation (realtime QOS cap)"
+    )
+    job_min_ranks: int = Field(1, ge=1, le=100_000, description="Fewest ranks a job is started with")
+    job_max_ranks: int | None = Field(
+        None, ge=1, le=100_000, description="Most ranks one job gets (default: all reserved slots)"
+    )
+    job_target_seconds: float = Field(
+        600.0, gt=0, description="A run of known length gets the ranks that finish it in about this long"
+    )
+    job_retries: int = Field(2, ge=0, le=20, description="Retries of a failed job before it is reported failed")
+    job_retry_backoff_seconds: float = Field(
+        15.0, ge=0, description="Wait before the first retry of a failed job; doubles with each retry"
     )
     ingest_poll_seconds: float = Field(1.0, gt=0, description="Period of the landing-directory scan")
     ingest_quiet_seconds: float = Field(
@@ -44,6 +58,16 @@ class Settings(BaseSettings):
     default_space_group: str | None = Field(None, description="Space group of runs without a sample.json")
     log_format: str = Field("auto", pattern="^(auto|json|console)$", description="auto: colour on a terminal")
     log_level: str = Field("info", description="debug, info, warning or error")
+
+    def to_environment(self) -> dict[str, str]:
+        """``SFX_*`` variables that give a subprocess (a service, an MPI job, ``sfx``) these same settings."""
+        environment = {}
+        for name, value in self.model_dump(mode="json").items():
+            if value is None:
+                continue  # unset optional fields keep their default
+            text = value if isinstance(value, str) else json.dumps(value)
+            environment[f"SFX_{name.upper()}"] = text
+        return environment
 
 
 @lru_cache(maxsize=1)

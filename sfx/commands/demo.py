@@ -54,17 +54,11 @@ def run(arguments: argparse.Namespace) -> int:
         namespace="sfxdemo",
         work_dir=work_dir / "services",
         landing_dirs=[landing],
-        analysis_ranks=arguments.ranks,
+        ranks_per_node=arguments.ranks,
         ingest_quiet_seconds=3.0,
+        log_format="json",
     )
-    environment = {
-        "SFX_NAMESPACE": settings.namespace,
-        "SFX_WORK_DIR": str(settings.work_dir),
-        "SFX_LANDING_DIRS": json.dumps([str(landing)]),
-        "SFX_ANALYSIS_RANKS": str(settings.analysis_ranks),
-        "SFX_INGEST_QUIET_SECONDS": str(settings.ingest_quiet_seconds),
-        "SFX_LOG_FORMAT": "json",
-    }
+    environment = settings.to_environment()
     _reset_namespace(settings)
     services_dir = settings.work_dir
     print(f"sfx demo: services in {services_dir} (logs in {services_dir / 'logs'})")

@@ -7,7 +7,6 @@ group, with its log in ``<work_dir>/logs/<name>.log`` and its process id in ``<w
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import subprocess
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from libs.common.processes import signal_group
 from libs.common.settings import get_settings
 
 SERVICES = ("ingest", "dispatcher", "merger")
@@ -75,20 +75,15 @@ def stop_services(work_dir: Path, services: tuple[str, ...] = SERVICES, timeout:
     """SIGTERM each service's process group, then SIGKILL what is still there after ``timeout`` seconds."""
     pids = {s: p for s in services if (p := running_pid(work_dir, s)) is not None}
     for pid in pids.values():
-        _signal_group(pid, signal.SIGTERM)
+        signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     for service, pid in pids.items():
         while time.monotonic() < deadline and _exists(pid):
             time.sleep(0.1)
         if _exists(pid):
-            _signal_group(pid, signal.SIGKILL)
+            signal_group(pid, signal.SIGKILL)
         pid_file(work_dir, service).unlink(missing_ok=True)
         print(f"{service}: stopped")
-
-
-def _signal_group(pid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signum)
 
 
 def _exists(pid: int) -> bool:
