@@ -51,16 +51,12 @@ class Pipeline:
             landing_dirs=[self.landing],
             ingest_quiet_seconds=2.0,
             merge_update_seconds=1.0,
-            analysis_ranks=2,
+            # Two runs at once, two ranks each (as many processes as before the reservation existed).
+            reservation_nodes=2,
+            ranks_per_node=2,
+            job_max_ranks=2,
         )
-        self.env = {
-            **settings_environment(self.settings),
-            "SFX_WORK_DIR": str(self.settings.work_dir),
-            "SFX_LANDING_DIRS": json.dumps([str(self.landing)]),
-            "SFX_INGEST_QUIET_SECONDS": "2",
-            "SFX_MERGE_UPDATE_SECONDS": "1",
-            "SFX_ANALYSIS_RANKS": "2",
-        }
+        self.env = settings_environment(self.settings)
         self.state = LiveState(self.settings)
 
     def simulate(self, name: str, frames: int, seed: int, *extra: str, into: Path | None = None) -> Path:

@@ -8,15 +8,20 @@ import pytest
 from pydantic import ValidationError
 
 from libs.common.messages import Priority
+from libs.common.settings import Settings
 from services.dispatcher.scheduling import (
+    FrameCosts,
     PendingJob,
     Reservation,
     ReservationExceededError,
     RunningJob,
+    assign_slots,
     check_capacity,
+    frame_costs,
     job_size,
     plan,
     ranks_to_keep_up,
+    reservation_from_settings,
     run_duration,
     utilisation,
 )
@@ -157,12 +162,12 @@ def test_utilisation_of_a_known_timeline() -> None:
         ("c", 4, 10.0, 30.0),  # from 10 to 15 b + c hold 6: only 4 count; c ends outside the window
     ]
     # Window 0..20 of 4 slots = 80 slot-seconds. Used: 0..5: 2, 5..10: 4, 10..15: 4 (capped), 15..20: 4.
-    assert utilisation(timeline, SMALL, 0, 20) == pytest.approx((2 * 5 + 4 * 5 + 4 * 5 + 4 * 5) / 80)
-    assert utilisation([], SMALL, 0, 20) == 0
+    assert utilisation(timeline, SMALL.slots, 0, 20) == pytest.approx((2 * 5 + 4 * 5 + 4 * 5 + 4 * 5) / 80)
+    assert utilisation([], SMALL.slots, 0, 20) == 0
     with pytest.raises(ValueError, match="end > start"):
-        utilisation(timeline, SMALL, 5, 5)
+        utilisation(timeline, SMALL.slots, 5, 5)
     with pytest.raises(ValueError, match="timeline entry of a"):
-        utilisation([("a", 2, 10.0, 5.0)], SMALL, 0, 20)
+        utilisation([("a", 2, 10.0, 5.0)], SMALL.slots, 0, 20)
 
 
 def test_ranks_to_keep_up_and_run_duration() -> None:
@@ -257,4 +262,32 @@ def test_event_loop_preempts_and_every_job_finishes_within_the_cap() -> None:
     # Timeline: run1.trialA 2 ranks 0..20; run2.trialA 2 ranks 1..3 and 11..19; run3.live 2 ranks 2..8 (burst);
     # run4.live 2 ranks 3..11; run5.trialB 2 ranks 19..23. Reserved slots held: 84 of 4 × 23 slot-seconds.
     assert end == 23
-    assert utilisation(timeline, reservation, 0, end) == pytest.approx(84 / 92)
+    assert utilisation(timeline, reservation.slots, 0, end) == pytest.approx(84 / 92)
+
+
+def test_reservation_from_settings_names_the_settings_that_cannot_work() -> None:
+    reservation = reservation_from_settings(Settings(reservation_nodes=3, ranks_per_node=4, burst_slots=2))
+    assert (reservation.slots, reservation.capacity, reservation.job_max_ranks) == (12, 14, 12)
+    with pytest.raises(ValueError, match=r"SFX_JOB_MIN_RANKS=5.*min_ranks \(5\) exceeds max_ranks \(4\)"):
+        reservation_from_settings(Settings(reservation_nodes=2, ranks_per_node=4, job_min_ranks=5, job_max_ranks=4))
+
+
+def test_frame_costs_separate_blanks_from_hits_and_ignore_failed_frames() -> None:
+    timeline = [{"start": 0.0, "end": 0.04, "hit": False}] * 6 + [{"start": 1.0, "end": 1.1, "hit": True}] * 4
+    timeline += [{"start": 0.0, "end": 9.0, "hit": False, "failed": True}]
+    costs = frame_costs(timeline)
+    assert costs is not None
+    assert costs.blank_seconds == pytest.approx(0.04) and costs.hit_seconds == pytest.approx(0.1)
+    assert costs.hit_fraction == pytest.approx(0.4) and costs.frames == 10
+    assert costs.per_frame() == pytest.approx(0.6 * 0.04 + 0.4 * 0.1)
+    assert costs.per_frame(hit_fraction=1.0) == pytest.approx(0.1)
+    only_blanks = frame_costs([{"start": 0.0, "end": 0.05, "hit": False}])
+    assert only_blanks == FrameCosts(blank_seconds=0.05, hit_seconds=0.05, hit_fraction=0.0, frames=1)
+    assert frame_costs([]) is None
+
+
+def test_slots_are_assigned_lowest_first_and_never_twice() -> None:
+    assert assign_slots([], 2, 6) == [0, 1]
+    assert assign_slots([0, 1, 3], 2, 6) == [2, 4]  # reserved slots before burst ones
+    with pytest.raises(ReservationExceededError, match="3 slots wanted but only 2 of 6 are free"):
+        assign_slots([0, 1, 2, 3], 3, 6)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 from libs.common.messages import FrameResult, JobState, JobStatus, MergeUpdate, RunManifest, ShellStatistics
 from libs.common.settings import Settings
 from libs.common.state import LiveState
+from sfx.commands.status import slot_timeline
 from tests.conftest import settings_environment
 
 
@@ -24,7 +26,16 @@ def test_status_shows_runs_rates_jobs_and_merges(settings: Settings, live_state:
         FrameResult(run_id="r0007", trial="live", frame_index=3, started_at=0, finished_at=1, hit=True)
     )
     live_state.save_job(
-        JobState(job_id="r0007.live", run_id="r0007", trial="live", status=JobStatus.RUNNING, slots=2, frames_done=10)
+        JobState(
+            job_id="r0007.live",
+            run_id="r0007",
+            trial="live",
+            status=JobStatus.RUNNING,
+            slots=2,
+            slot_ids=[0, 1],
+            frames_done=10,
+            started_at=time.time() - 30,
+        )
     )
     overall = ShellStatistics(
         d_max=40,
@@ -52,4 +63,60 @@ def test_status_shows_runs_rates_jobs_and_merges(settings: Settings, live_state:
     jobs = subprocess.run(
         [sys.executable, "-m", "sfx", "jobs"], capture_output=True, text=True, env=environment, check=True
     ).stdout
-    assert jobs.splitlines()[1].split()[:4] == ["r0007.live", "running", "2", "10"]
+    assert jobs.splitlines()[1].split()[:7] == ["r0007.live", "running", "live", "1", "2", "0-1", "10"]
+    # No dispatcher runs: the reservation shown is the one the settings describe (1 node × 2 ranks).
+    assert "slots: 2/2 reserved and 0/0 burst in use; 0 jobs queued" in status
+
+    timeline = subprocess.run(
+        [sys.executable, "-m", "sfx", "jobs", "--timeline", "60"],
+        capture_output=True,
+        text=True,
+        env=environment,
+        check=True,
+    ).stdout
+    rows = {line.split()[1]: line.split()[2] for line in timeline.splitlines() if line.startswith("slot ")}
+    # The job started 30 s ago holds slots 0 and 1 for the second half of the 60 s window.
+    assert set(rows) == {"0", "1"}
+    assert all(row[:30].count(".") >= 29 and row[-30:].count("A") >= 29 for row in rows.values()), rows
+    assert "A r0007.live (live: running)" in timeline
+    assert "utilisation of the 2 reserved slots: 5" in timeline  # ~50 %
+
+
+def test_slot_timeline_draws_each_job_on_its_slots_with_burst_apart() -> None:
+    uses = [
+        {
+            "job_id": "r1.live",
+            "priority": "live",
+            "slot_ids": [0, 1],
+            "start": 0.0,
+            "end": 10.0,
+            "outcome": "succeeded",
+        },
+        {"job_id": "r2.re", "priority": "reprocess", "slot_ids": [2], "start": 0.0, "end": 5.0, "outcome": "preempted"},
+        {
+            "job_id": "r3.live",
+            "priority": "live",
+            "slot_ids": [2, 3],
+            "start": 5.0,
+            "end": 10.0,
+            "outcome": "succeeded",
+        },
+        {
+            "job_id": "r2.re",
+            "priority": "reprocess",
+            "slot_ids": [0],
+            "start": 10.0,
+            "end": 20.0,
+            "outcome": "succeeded",
+        },
+    ]
+    lines = slot_timeline(uses, reserved=3, burst=1, start=0.0, end=20.0, width=20)
+    rows = [line.split()[2] for line in lines if line.startswith("slot ")]
+    assert rows == [
+        "A" * 10 + "B" * 10,
+        "A" * 10 + "." * 10,
+        "B" * 5 + "C" * 5 + "." * 10,
+        "." * 5 + "C" * 5 + "." * 10,
+    ]
+    assert any(line.strip().startswith("-") and line.endswith("burst") for line in lines)
+    assert "  B r2.re (reprocess: preempted → succeeded)" in lines

@@ -3,7 +3,8 @@
 Topology, for a namespace ``ns`` (``settings.namespace``, default ``sfx``):
 
 - topic exchanges ``ns.runs`` (run manifests), ``ns.jobs`` (job specs), ``ns.results`` (frame results, job states,
-  merge updates) and ``ns.control`` (reprocess requests, service heartbeats);
+  merge updates) and ``ns.control`` (reprocess and cancel requests,
+  service heartbeats);
 - the dead-letter exchange ``ns.dlx`` (topic) and its queue ``ns.dead-letters`` bound with ``#``;
 - durable quorum queues (see ``SERVICE_QUEUES``) with ``x-delivery-limit`` = ``settings.delivery_limit`` and
   ``x-dead-letter-exchange`` = ``ns.dlx``: the broker counts returns of a message (``x-delivery-count``) and
@@ -21,6 +22,7 @@ JobState         results         ``job.<run>.<trial>.<job>.<status>``
 FrameResult      results         ``frame.<run>.<trial>``
 MergeUpdate      results         ``merge.<dataset>.<trial>``
 ReprocessRequest control         ``reprocess.<trial>``
+CancelRequest    control         ``cancel.<job>``
 ServiceHeartbeat control         ``heartbeat.<service>.<instance>``
 FileRejected     control         ``rejected.<run>``
 ===============  ==============  ============================================
@@ -62,6 +64,7 @@ import structlog
 
 from libs.common.logging import get_logger
 from libs.common.messages import (
+    CancelRequest,
     FileRejected,
     FrameResult,
     JobSpec,
@@ -96,6 +99,7 @@ EXCHANGE_OF_TYPE: dict[str, str] = {
     FrameResult.type_name: "results",
     MergeUpdate.type_name: "results",
     ReprocessRequest.type_name: "control",
+    CancelRequest.type_name: "control",
     ServiceHeartbeat.type_name: "control",
     FileRejected.type_name: "control",
 }
@@ -173,6 +177,11 @@ def reprocess_key(trial: str) -> str:
     return _join("reprocess", trial)
 
 
+def cancel_key(job_id: str) -> str:
+    """``cancel.<job>`` on the control exchange."""
+    return _join("cancel", job_id)
+
+
 def heartbeat_key(service: str, instance: str) -> str:
     """``heartbeat.<service>.<instance>`` on the control exchange."""
     return _join("heartbeat", service, instance)
@@ -197,6 +206,8 @@ def routing_key_for(message: Message) -> str:
         return merge_key(message.dataset_id, message.trial)
     if isinstance(message, ReprocessRequest):
         return reprocess_key(message.trial)
+    if isinstance(message, CancelRequest):
+        return cancel_key(message.job_id)
     if isinstance(message, ServiceHeartbeat):
         return heartbeat_key(message.service, message.instance)
     if isinstance(message, FileRejected):
@@ -221,7 +232,12 @@ class QueueSpec:
 
 SERVICE_QUEUES: tuple[QueueSpec, ...] = (
     QueueSpec("dispatcher.runs", "runs", ("manifest.#",), "run manifests, for the dispatcher"),
-    QueueSpec("dispatcher.control", "control", ("reprocess.#",), "operators' reprocess requests, for the dispatcher"),
+    QueueSpec(
+        "dispatcher.control",
+        "control",
+        ("reprocess.#", "cancel.#"),
+        "operators' reprocess and cancel requests, for the dispatcher",
+    ),
     QueueSpec("merger.frames", "results", ("frame.#", "job.#"), "frame results and job states, for the merger"),
 )
 """Every durable queue of the system. A new consumer service adds its queue here, nowhere else."""

@@ -130,11 +130,19 @@ class JobState(Message):
     run_id: str = Field(min_length=1)
     trial: str = Field(min_length=1)
     status: JobStatus
-    slots: int = Field(0, ge=0)
+    priority: Priority = Priority.LIVE
+    slots: int = Field(0, ge=0, description="Ranks the job holds now (0 unless running)")
+    slot_ids: list[int] = Field(
+        default_factory=list, description="Which slots of the reservation it holds (reserved first, then burst)"
+    )
     frames_done: int = Field(0, ge=0)
     frames_total: int | None = Field(None, ge=0)
+    attempt: int = Field(0, ge=0, description="Starts after a failure so far (0: the first attempt)")
+    queued_at: float | None = Field(None, description="When the job was first queued (kept across preemptions)")
+    started_at: float | None = Field(None, description="When its current attempt started")
+    retry_at: float | None = Field(None, description="A failed job waiting to retry starts no earlier than this")
     backend_id: str | None = Field(None, description="The backend's own handle (pid, Slurm job id, pod name)")
-    reason: str = ""
+    reason: str = Field("", description="Why the job is in this state (the scheduler's last decision about it)")
     updated_at: float = Field(default_factory=now)
 
 
@@ -242,6 +250,16 @@ class ReprocessRequest(Message):
     requested_at: float = Field(default_factory=now)
 
 
+class CancelRequest(Message):
+    """An operator's request to stop a job (queued or running); it ends as cancelled and is not retried."""
+
+    type_name: ClassVar[str] = "cancel_request"
+    type: Literal["cancel_request"] = "cancel_request"
+    job_id: str = Field(min_length=1, max_length=200)
+    requested_by: str = ""
+    requested_at: float = Field(default_factory=now)
+
+
 class ShellStatistics(BaseModel):
     """Merging statistics of one resolution shell (or of all data)."""
 
@@ -316,6 +334,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         JobState,
         FrameResult,
         ReprocessRequest,
+        CancelRequest,
         MergeUpdate,
         ServiceHeartbeat,
         FileRejected,

@@ -20,6 +20,9 @@ key                                  type     TTL                     content
 ``<ns>:ingest:rejected``             hash     state TTL, refreshed    file path -> latest FileRejected (JSON)
 ``<ns>:job:<job>:ranks``             hash     state TTL, refreshed    rank -> JSON {host, pid, frames, failed, at}
 ``<ns>:job:<job>:timeline``          list     state TTL, refreshed    JSON per frame: rank, frame, start, end, stages
+``<ns>:job:<job>:spec``              string   state TTL               JobSpec the dispatcher queued (JSON)
+``<ns>:dispatcher:slot-history``     list     state TTL, refreshed    JSON per ended attempt: job, priority, slots,
+                                                                      start, end, outcome
 ===================================  =======  ======================  ===============================================
 
 "State TTL" is ``settings.state_ttl_seconds``. A bitmap rather than a set marks frames seen: frame indices are dense,
@@ -42,6 +45,7 @@ from libs.common.bus import escape_word
 from libs.common.messages import (
     FileRejected,
     FrameResult,
+    JobSpec,
     JobState,
     MergeUpdate,
     Message,
@@ -120,6 +124,12 @@ class Keys:
 
     def job_timeline(self, job_id: str) -> str:
         return f"{self.job(job_id)}:timeline"
+
+    def job_spec(self, job_id: str) -> str:
+        return f"{self.job(job_id)}:spec"
+
+    def slot_history(self) -> str:
+        return f"{self.namespace}:dispatcher:slot-history"
 
     def service(self, service: str, instance: str) -> str:
         return f"{self.namespace}:service:{escape_word(service)}:{escape_word(instance)}"
@@ -246,6 +256,24 @@ class LiveState:
     def job(self, job_id: str) -> JobState | None:
         return self._load(self.keys.job(job_id), JobState)
 
+    def save_job_spec(self, spec: JobSpec) -> None:
+        """The spec of a queued job, so a restarted dispatcher can start it with the same parameters."""
+        self.redis.set(self.keys.job_spec(spec.job_id), spec.encode(), ex=self.ttl)
+
+    def job_spec(self, job_id: str) -> JobSpec | None:
+        return self._load(self.keys.job_spec(job_id), JobSpec)
+
+    def record_slot_use(self, use: Mapping[str, Any]) -> None:
+        """Append one ended attempt of a job (which slots it held, from when to when, how it ended)."""
+        pipeline = self.redis.pipeline(transaction=False)
+        pipeline.rpush(self.keys.slot_history(), json.dumps(dict(use)))
+        pipeline.expire(self.keys.slot_history(), self.ttl)
+        pipeline.execute()
+
+    def slot_history(self) -> list[dict[str, Any]]:
+        raw: list[bytes] = self.redis.lrange(self.keys.slot_history(), 0, -1)  # type: ignore[assignment]
+        return [json.loads(entry) for entry in raw]
+
     def save_merge(self, update: MergeUpdate) -> None:
         pipeline = self.redis.pipeline(transaction=True)
         pipeline.set(self.keys.merge(update.dataset_id, update.trial), update.encode(), ex=self.ttl)
@@ -288,13 +316,18 @@ class LiveState:
             pipeline.expire(self.keys.job_timeline(job_id), self.ttl)
         pipeline.execute()
 
+    def clear_rank_status(self, job_id: str) -> None:
+        """Forget the ranks of an earlier attempt, so the next attempt's totals are its own."""
+        self.redis.delete(self.keys.job_ranks(job_id))
+
     def rank_status(self, job_id: str) -> dict[int, dict[str, Any]]:
         raw: dict[bytes, bytes] = self.redis.hgetall(self.keys.job_ranks(job_id))  # type: ignore[assignment]
         return {int(rank): json.loads(value) for rank, value in raw.items()}
 
-    def timeline(self, job_id: str) -> list[dict[str, Any]]:
-        """Per-frame timings of a job: rank, frame, start, end and seconds per stage."""
-        raw: list[bytes] = self.redis.lrange(self.keys.job_timeline(job_id), 0, -1)  # type: ignore[assignment]
+    def timeline(self, job_id: str, last: int | None = None) -> list[dict[str, Any]]:
+        """Per-frame timings of a job (its ``last`` frames, or all): rank, frame, start, end and seconds per stage."""
+        start = 0 if last is None else -last
+        raw: list[bytes] = self.redis.lrange(self.keys.job_timeline(job_id), start, -1)  # type: ignore[assignment]
         return [json.loads(entry) for entry in raw]
 
     # -- services --------------------------------------------------------------------------------------------------

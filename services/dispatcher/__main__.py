@@ -11,7 +11,11 @@ from services.dispatcher.service import Dispatcher, make_consumers
 
 def main() -> int:
     settings = start_logging("dispatcher")
-    dispatcher = Dispatcher(settings, LocalMpiBackend(settings.work_dir))
+    try:
+        dispatcher = Dispatcher(settings, LocalMpiBackend(settings.work_dir))
+    except ValueError as error:  # impossible reservation settings: name them and stop
+        print(f"dispatcher: {error}", file=sys.stderr)
+        return 2
     return run_service(
         "dispatcher",
         make_consumers(dispatcher, settings),

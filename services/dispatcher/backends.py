@@ -12,6 +12,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
@@ -19,6 +20,9 @@ from typing import Protocol
 from pydantic import BaseModel
 
 from libs.common.messages import JobSpec
+from libs.common.processes import signal_group
+
+CANCEL_GRACE_SECONDS = 10.0
 
 
 class BackendError(RuntimeError):
@@ -140,21 +144,19 @@ class LocalMpiBackend:
         return statuses
 
     def cancel(self, job_id: str) -> None:
+        """SIGTERM to the job's process group (mpiexec and its ranks); SIGKILL if it has not ended within 10 s."""
         pid_file = self.job_dir(job_id) / "pid"
         if not pid_file.exists():
             return
         pid = int(pid_file.read_text())
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
+        if not signal_group(pid, signal.SIGTERM):
             return
-        child = self._children.get(job_id)
-        if child is not None:
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(pid, signal.SIGKILL)
-                child.wait()
+        deadline = time.monotonic() + CANCEL_GRACE_SECONDS
+        while _group_alive(pid, self._children.get(job_id)):
+            if time.monotonic() > deadline:
+                signal_group(pid, signal.SIGKILL)
+                deadline = time.monotonic() + CANCEL_GRACE_SECONDS
+            time.sleep(0.05)
 
     def forget(self, job_id: str) -> None:
         """Drop a finished job's folder from future polls (its logs stay)."""
@@ -172,6 +174,13 @@ def _alive(pid: int) -> bool:
     status_file = Path(f"/proc/{pid}/status")
     # A zombie has ended: it only waits to be reaped by its parent.
     return not (status_file.exists() and "\nState:\tZ" in status_file.read_text())
+
+
+def _group_alive(pid: int, child: subprocess.Popen[bytes] | None) -> bool:
+    """True while any process of the group led by ``pid`` exists (our own child is reaped first)."""
+    if child is not None:
+        child.poll()
+    return signal_group(pid, 0)
 
 
 def _log_tail(folder: Path, lines: int = 20) -> str:

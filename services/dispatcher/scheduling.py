@@ -13,11 +13,13 @@ down to the reservation's ``min_ranks``, so several runs share the slots at once
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from libs.common.messages import Priority
+from libs.common.settings import Settings
 
 
 class ReservationExceededError(RuntimeError):
@@ -71,6 +73,75 @@ class Reservation(BaseModel):
 
     def clamp(self, ranks: int) -> int:
         return max(self.min_ranks, min(self.job_max_ranks, ranks))
+
+
+def reservation_from_settings(settings: Settings) -> Reservation:
+    """The reservation the settings describe; ValueError names the impossible combination."""
+    try:
+        return Reservation(
+            nodes=settings.reservation_nodes,
+            ranks_per_node=settings.ranks_per_node,
+            burst_slots=settings.burst_slots,
+            min_ranks=settings.job_min_ranks,
+            max_ranks=settings.job_max_ranks,
+        )
+    except ValidationError as error:
+        problems = "; ".join(str(item["msg"]).removeprefix("Value error, ") for item in error.errors())
+        raise ValueError(
+            f"the reservation settings are impossible (SFX_RESERVATION_NODES={settings.reservation_nodes}, "
+            f"SFX_RANKS_PER_NODE={settings.ranks_per_node}, SFX_BURST_SLOTS={settings.burst_slots}, "
+            f"SFX_JOB_MIN_RANKS={settings.job_min_ranks}, SFX_JOB_MAX_RANKS={settings.job_max_ranks}): {problems}"
+        ) from error
+
+
+class FrameCosts(BaseModel):
+    """Measured seconds one rank spends per frame: blanks stop after hit finding, hits go on to integration."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    blank_seconds: float = Field(ge=0)
+    hit_seconds: float = Field(ge=0)
+    hit_fraction: float = Field(ge=0, le=1, description="Fraction of hits among the measured frames")
+    frames: int = Field(ge=0, description="Frames the figures come from")
+
+    def per_frame(self, hit_fraction: float | None = None) -> float:
+        """Mean cost of a frame at ``hit_fraction`` (default: the measured one)."""
+        fraction = self.hit_fraction if hit_fraction is None else hit_fraction
+        return mean_cost_per_frame(fraction, self.blank_seconds, self.hit_seconds)
+
+
+def frame_costs(timeline: Iterable[Mapping[str, Any]]) -> FrameCosts | None:
+    """Mean wall seconds per blank and per hit from per-frame timings (``start``, ``end``, ``hit``, ``failed``).
+
+    Failed frames are left out (their cost says nothing about analysis); with no hit (or no blank) measured, the
+    other kind's mean stands in, so a cost is known as soon as any frame is. None when nothing was measured.
+    """
+    blank_total = hit_total = 0.0
+    blanks = hits = 0
+    for entry in timeline:
+        if entry.get("failed"):
+            continue
+        seconds = max(0.0, float(entry["end"]) - float(entry["start"]))
+        if entry.get("hit"):
+            hit_total, hits = hit_total + seconds, hits + 1
+        else:
+            blank_total, blanks = blank_total + seconds, blanks + 1
+    if hits + blanks == 0:
+        return None
+    blank_seconds = blank_total / blanks if blanks else hit_total / hits
+    hit_seconds = hit_total / hits if hits else blank_seconds
+    return FrameCosts(
+        blank_seconds=blank_seconds, hit_seconds=hit_seconds, hit_fraction=hits / (hits + blanks), frames=hits + blanks
+    )
+
+
+def assign_slots(held: Iterable[int], ranks: int, capacity: int) -> list[int]:
+    """The ``ranks`` lowest free slot numbers below ``capacity`` (reserved slots come first, then the burst)."""
+    taken = set(held)
+    free = [slot for slot in range(capacity) if slot not in taken]
+    if ranks > len(free):
+        raise ReservationExceededError(f"{ranks} slots wanted but only {len(free)} of {capacity} are free")
+    return free[:ranks]
 
 
 class PendingJob(BaseModel):
@@ -229,12 +300,14 @@ def plan(
 
 
 def utilisation(
-    timeline: Iterable[tuple[str, int, float, float]], reservation: Reservation, start: float, end: float
+    timeline: Iterable[tuple[str, int, float, float]], reserved_slots: int, start: float, end: float
 ) -> float:
     """Fraction of the reserved slot-seconds in [start, end] that jobs used.
 
-    Burst use does not count beyond the reservation: at each instant at most ``slots`` slots count as used.
+    Burst use does not count beyond the reservation: at each instant at most ``reserved_slots`` count as used.
     """
+    if reserved_slots < 1:
+        raise ValueError(f"reserved_slots must be ≥ 1, got {reserved_slots}")
     if end <= start:
         raise ValueError(f"utilisation window must have end > start, got start={start}, end={end}")
     changes: list[tuple[float, int]] = []
@@ -248,9 +321,9 @@ def utilisation(
     used_slot_seconds = 0.0
     held, previous = 0, start
     for time, change in changes:
-        used_slot_seconds += min(held, reservation.slots) * (time - previous)
+        used_slot_seconds += min(held, reserved_slots) * (time - previous)
         held, previous = held + change, time
-    return used_slot_seconds / (reservation.slots * (end - start))
+    return used_slot_seconds / (reserved_slots * (end - start))
 
 
 def mean_cost_per_frame(hit_fraction: float, blank_seconds: float, hit_seconds: float) -> float:

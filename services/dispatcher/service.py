@@ -1,144 +1,472 @@
-"""The dispatcher, first form: one analysis job per run and trial, started through a backend, tracked in Redis.
+"""The dispatcher: queues analysis jobs, packs them into the experiment's reservation, preempts and retries them.
 
-A manifest for a run without a job starts one (``<run>.live``); an operator's ReprocessRequest starts one per run
-under its own trial (``<run>.<trial>``) with the request's parameter overrides, merged apart by the merger. Later
-revisions of the manifest of a live run need nothing, because the running job follows the growing files. The backend
-is polled once per period for all of its jobs; every change of a job's status is saved in Redis and published as a
-JobState. When a job succeeds its ``frames_total`` is the number of frame indices its ranks covered, which tells the
-merger when the run is complete. On start the dispatcher adopts the jobs its backend still knows, so a restart
-neither forgets nor repeats a job.
+A manifest of a new run queues ``<run>.live`` (priority live); an operator's ReprocessRequest queues ``<run>.<trial>``
+for each of its runs (priority reprocess) with the request's parameter overrides; a CancelRequest ends a job. Every
+second, and whenever a request arrives, the dispatcher polls its backend once for all of its jobs, asks
+:func:`services.dispatcher.scheduling.plan` which queued jobs start (with how many ranks) and which reprocessing jobs
+give way, logs each decision with its reason, and records every change of a job in Redis and as a JobState.
+
+A preempted job is stopped through the backend and queued again with its original queue time; its next attempt skips
+the frames already counted under its trial, and the merger counts a frame once whoever publishes it. A failed attempt
+is retried after a backoff that doubles, up to ``settings.job_retries`` times; then the job fails with the last error.
+A restarted dispatcher rebuilds its queue from the job states and specs in Redis and adopts the jobs its backend still
+runs: no job is forgotten or started twice.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from libs.common.bus import Consumer, Publisher, Topology
 from libs.common.logging import get_logger
-from libs.common.messages import JobSpec, JobState, JobStatus, Priority, ReprocessRequest, RunManifest, now
+from libs.common.messages import (
+    CancelRequest,
+    JobSpec,
+    JobState,
+    JobStatus,
+    Priority,
+    ReprocessRequest,
+    RunManifest,
+    now,
+)
 from libs.common.parameters import AnalysisParameters, with_overrides
 from libs.common.settings import Settings
 from libs.common.state import LiveState
-from services.dispatcher.backends import Backend, BackendJobStatus, RunState
+from services.dispatcher.backends import Backend, BackendError, BackendJobStatus, RunState
+from services.dispatcher.scheduling import (
+    FrameCosts,
+    PendingJob,
+    ReservationExceededError,
+    RunningJob,
+    assign_slots,
+    check_capacity,
+    frame_costs,
+    job_size,
+    plan,
+    reservation_from_settings,
+)
 
 log = get_logger(__name__)
 
-FINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
+FINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+WAITING = frozenset({JobStatus.QUEUED, JobStatus.PREEMPTED})
+RUNNING = frozenset({JobStatus.STARTING, JobStatus.RUNNING})
+
+PROGRESS_SECONDS = 5.0  # how often a running job's frame count is refreshed in Redis and published
+COSTS_SECONDS = 60.0  # how often the measured per-frame cost is re-read while nothing ends
+COST_JOBS = 5  # the per-frame cost comes from the timings of this many recently ended jobs
+COST_FRAMES_PER_JOB = 2_000
 
 
 def job_id_for(run_id: str, trial: str) -> str:
     return f"{run_id}.{trial}"
 
 
+@dataclass
+class TrackedJob:
+    """A job the dispatcher has not finished with: its spec (what to run) and its latest state."""
+
+    spec: JobSpec
+    state: JobState
+    progress_at: float = 0.0
+
+
+def measured_frame_costs(state: LiveState, job_ids: Sequence[str]) -> FrameCosts | None:
+    """Per-frame costs from the timings the analysis ranks of these jobs wrote to Redis (their latest frames)."""
+    entries: list[dict[str, Any]] = []
+    for job_id in job_ids:
+        entries += state.timeline(job_id, last=COST_FRAMES_PER_JOB)
+    return frame_costs(entries)
+
+
+def recent_job_ids(jobs: Sequence[JobState], count: int = COST_JOBS) -> list[str]:
+    """Ids of the most recently ended jobs that processed frames (``jobs`` most recent first, as Redis lists them)."""
+    ended = [job.job_id for job in jobs if job.status in FINAL and job.frames_done > 0]
+    return ended[:count]
+
+
 class Dispatcher:
-    """Handlers and periodic work of the dispatcher service."""
+    """Handlers and periodic work of the dispatcher service. Thread-safe: one lock guards the queue and the backend."""
 
     def __init__(self, settings: Settings, backend: Backend) -> None:
         self.settings = settings
         self.backend = backend
+        self.reservation = reservation_from_settings(settings)
         self.state = LiveState(settings)
-        self.active: dict[str, JobState] = {}
-        self._lock = threading.Lock()
+        self.jobs: dict[str, TrackedJob] = {}
+        self._lock = threading.RLock()
         self._publisher: Publisher | None = None
-        self._adopt()
+        self._recent: deque[str] = deque(maxlen=COST_JOBS)
+        self._costs: FrameCosts | None = None
+        self._costs_at = 0.0
+        self._rebuild()
 
-    def _adopt(self) -> None:
-        """Take over the jobs the backend still knows (started before a restart)."""
-        for job_id in self.backend.poll():
-            known = self.state.job(job_id)
-            if known is not None and known.status not in FINAL:
-                self.active[job_id] = known
-                log.info("adopted job", job_id=job_id, status=known.status.value)
+    # -- restart -----------------------------------------------------------------------------------------------
+
+    def _rebuild(self) -> None:
+        """Queue and running jobs from Redis, checked against what the backend still runs."""
+        backend_view = self.backend.poll()
+        known = self.state.jobs()
+        self._recent.extend(reversed(recent_job_ids(known)))
+        for saved in known:
+            if saved.status in FINAL:
+                continue
+            spec = self.state.job_spec(saved.job_id)
+            if spec is None:
+                log.error("job has no spec in Redis; it cannot be restarted", job_id=saved.job_id)
+                self._record(self._ended(saved, JobStatus.FAILED, "its JobSpec is missing from Redis"))
+                continue
+            tracked = TrackedJob(spec=spec, state=saved)
+            seen = backend_view.get(saved.job_id)
+            if saved.status in WAITING and seen is not None and seen.state is RunState.RUNNING:
+                # Started just before the restart, before its new state reached Redis: adopt, do not start again.
+                tracked.state = saved.model_copy(
+                    update={"status": JobStatus.RUNNING, "slots": spec.ranks, "backend_id": seen.backend_id}
+                )
+            self.jobs[saved.job_id] = tracked
+        for job_id in backend_view.keys() - self.jobs.keys():
+            if backend_view[job_id].state is RunState.RUNNING:
+                log.warning("backend runs a job the live state does not know; left alone", job_id=job_id)
+        self._repair_slot_ids()
+        running = [job.state.job_id for job in self.jobs.values() if job.state.status in RUNNING]
+        queued = [job.state.job_id for job in self.jobs.values() if job.state.status in WAITING]
+        log.info("dispatcher state rebuilt", running=running, queued=queued, reservation=self._describe_reservation())
+
+    def _repair_slot_ids(self) -> None:
+        """Give adopted jobs whose slot numbers were not saved the lowest free ones."""
+        held: list[int] = []
+        needing: list[TrackedJob] = []
+        for job in self.jobs.values():
+            if job.state.status not in RUNNING:
+                continue
+            if len(job.state.slot_ids) == job.state.slots and not set(job.state.slot_ids) & set(held):
+                held += job.state.slot_ids
+            else:
+                needing.append(job)
+        for job in needing:
+            slot_ids = assign_slots(held, job.state.slots, max(self.reservation.capacity, len(held) + job.state.slots))
+            held += slot_ids
+            job.state = job.state.model_copy(update={"slot_ids": slot_ids})
+            self._record(job.state)
+
+    # -- requests --------------------------------------------------------------------------------------------------
 
     def handle_manifest(self, manifest: RunManifest) -> None:
-        reason = f"new run {manifest.run_id} ({'live' if manifest.live else 'complete'})"
-        self._start(manifest, "live", {}, Priority.LIVE, reason)
+        job_id = job_id_for(manifest.run_id, "live")
+        with self._lock:
+            tracked = self.jobs.get(job_id)
+            if tracked is not None:
+                if tracked.state.status in WAITING:
+                    # A queued job starts with what is known now (a complete run is sized by its frame count).
+                    tracked.spec = tracked.spec.model_copy(update={"manifest": manifest})
+                    self.state.save_job_spec(tracked.spec)
+                return  # a running job follows its growing files by itself
+            if self.state.job(job_id) is not None:
+                log.debug("run already processed", job_id=job_id)
+                return
+            spec = JobSpec(job_id=job_id, manifest=manifest, trial="live", priority=Priority.LIVE)
+            self._queue(spec, f"new run {manifest.run_id} ({'live' if manifest.live else 'complete'})")
+            self._schedule()
 
     def handle_reprocess(self, request: ReprocessRequest) -> None:
-        """Start a job per run under the request's trial; the live trial is not touched."""
+        """Queue a job per run under the request's trial; the live trial is not touched."""
         try:
             with_overrides(AnalysisParameters(), request.parameters)
         except ValueError as error:
             log.error("reprocess request refused", trial=request.trial, error=str(error))
             for run_id in request.run_ids:
-                self._record(self._refused(run_id, request.trial, f"invalid parameters: {error}"))
+                self._refuse(run_id, request.trial, f"invalid parameters: {error}")
             return
-        for run_id in request.run_ids:
-            manifest = self.state.run(run_id)
-            if manifest is None:
-                log.error("reprocess request names an unknown run", run_id=run_id, trial=request.trial)
-                self._record(self._refused(run_id, request.trial, f"run {run_id} is unknown (no manifest in Redis)"))
-                continue
-            reason = f"reprocess requested by {request.requested_by or 'an operator'}"
-            self._start(manifest, request.trial, request.parameters, Priority.REPROCESS, reason)
-
-    def _refused(self, run_id: str, trial: str, reason: str) -> JobState:
-        return JobState(
-            job_id=job_id_for(run_id, trial), run_id=run_id, trial=trial, status=JobStatus.FAILED, reason=reason
-        )
-
-    def _start(
-        self, manifest: RunManifest, trial: str, parameters: dict[str, Any], priority: Priority, reason: str
-    ) -> None:
-        job_id = job_id_for(manifest.run_id, trial)
         with self._lock:
-            existing = self.active.get(job_id) or self.state.job(job_id)
-            if existing is not None and existing.status is not JobStatus.FAILED:
-                log.debug("no new job needed", job_id=job_id, status=existing.status.value)
+            for run_id in request.run_ids:
+                job_id = job_id_for(run_id, request.trial)
+                manifest = self.state.run(run_id)
+                if manifest is None:
+                    log.error("reprocess request names an unknown run", run_id=run_id, trial=request.trial)
+                    self._refuse(run_id, request.trial, f"run {run_id} is unknown (no manifest in Redis)")
+                    continue
+                if job_id in self.jobs:
+                    log.warning("reprocess request repeats a queued or running job; ignored", job_id=job_id)
+                    continue
+                previous = self.state.job(job_id)
+                if previous is not None and previous.status is JobStatus.SUCCEEDED:
+                    log.error(
+                        "reprocess request names a trial this run already has; ignored (name a new trial)",
+                        job_id=job_id,
+                    )
+                    continue
+                spec = JobSpec(
+                    job_id=job_id,
+                    manifest=manifest,
+                    trial=request.trial,
+                    parameters=request.parameters,
+                    priority=Priority.REPROCESS,
+                )
+                self._queue(spec, f"reprocess requested by {request.requested_by or 'an operator'}")
+            self._schedule()
+
+    def handle_cancel(self, request: CancelRequest) -> None:
+        who = request.requested_by or "an operator"
+        with self._lock:
+            tracked = self.jobs.pop(request.job_id, None)
+            if tracked is None:
+                saved = self.state.job(request.job_id)
+                log.warning(
+                    "cancel request for a job that is neither queued nor running; ignored",
+                    job_id=request.job_id,
+                    status=saved.status.value if saved else "unknown",
+                )
                 return
-            spec = JobSpec(
-                job_id=job_id,
-                manifest=manifest,
-                trial=trial,
-                parameters=parameters,
-                priority=priority,
-                ranks=self.settings.analysis_ranks,
-            )
-            backend_id = self.backend.start(spec)
-            state = JobState(
-                job_id=job_id,
-                run_id=manifest.run_id,
-                trial=trial,
-                status=JobStatus.RUNNING,
-                slots=spec.ranks,
-                frames_total=None,
-                backend_id=backend_id,
-                reason=reason,
-            )
-            self.active[job_id] = state
-        log.info("job started", job_id=job_id, ranks=spec.ranks, backend_id=backend_id, reason=reason)
+            reason = f"cancelled by {who}"
+            if tracked.state.status in RUNNING:
+                self.backend.cancel(request.job_id)
+                self.backend.forget(request.job_id)
+                tracked.state = self._with_progress(tracked.state)
+                self._record_slot_use(tracked.state, "cancelled")
+            log.info("job cancelled", job_id=request.job_id, reason=reason)
+            self._record(self._ended(tracked.state, JobStatus.CANCELLED, reason))
+            self._schedule()
+
+    def handle_control(self, message: ReprocessRequest | CancelRequest) -> None:
+        if isinstance(message, CancelRequest):
+            self.handle_cancel(message)
+        else:
+            self.handle_reprocess(message)
+
+    def _queue(self, spec: JobSpec, reason: str) -> None:
+        state = JobState(
+            job_id=spec.job_id,
+            run_id=spec.manifest.run_id,
+            trial=spec.trial,
+            status=JobStatus.QUEUED,
+            priority=spec.priority,
+            queued_at=now(),
+            reason=f"queued: {reason}",
+        )
+        self.state.save_job_spec(spec)
+        self.jobs[spec.job_id] = TrackedJob(spec=spec, state=state)
+        log.info("job queued", job_id=spec.job_id, priority=spec.priority.value, reason=reason)
         self._record(state)
 
-    def poll(self) -> None:
-        """One backend poll for all jobs; record every change."""
-        statuses = self.backend.poll()
-        changes: list[JobState] = []
+    def _refuse(self, run_id: str, trial: str, reason: str) -> None:
+        job_id = job_id_for(run_id, trial)
         with self._lock:
-            for job_id, current in list(self.active.items()):
-                status = statuses.get(job_id)
-                if status is None or status.state is RunState.RUNNING:
+            if job_id in self.jobs:
+                return
+            state = JobState(job_id=job_id, run_id=run_id, trial=trial, status=JobStatus.FAILED, reason=reason)
+            self._record(state.model_copy(update={"priority": Priority.REPROCESS}))
+
+    # -- periodic work ---------------------------------------------------------------------------------------------
+
+    def poll(self) -> None:
+        """One backend poll for all jobs; record what ended; then schedule."""
+        with self._lock:  # polled under the lock: a job started meanwhile would look lost
+            statuses = self.backend.poll()
+            for job_id, tracked in list(self.jobs.items()):
+                if tracked.state.status not in RUNNING:
                     continue
-                changes.append(self._finished(current, status))
-                del self.active[job_id]
-                self.backend.forget(job_id)
-        for state in changes:
-            log.info("job ended", job_id=state.job_id, status=state.status.value, reason=state.reason[-300:])
+                status = statuses.get(job_id)
+                if status is None:
+                    self._attempt_failed(tracked, "the backend no longer knows the job (lost)")
+                elif status.state is RunState.RUNNING:
+                    self._refresh_progress(tracked)
+                elif status.state is RunState.SUCCEEDED:
+                    self._succeeded(tracked)
+                else:
+                    self._attempt_failed(tracked, _failure_summary(status))
+            self._schedule()
+
+    def _schedule(self) -> None:
+        current = now()
+        pending, running = [], []
+        for tracked in self.jobs.values():
+            state = tracked.state
+            if state.status in RUNNING:
+                started = state.started_at if state.started_at is not None else current
+                running.append(
+                    RunningJob(job_id=state.job_id, priority=state.priority, ranks=state.slots, started_at=started)
+                )
+            elif state.status in WAITING and (state.retry_at is None or state.retry_at <= current):
+                queued = state.queued_at if state.queued_at is not None else current
+                pending.append(
+                    PendingJob(
+                        job_id=state.job_id,
+                        priority=state.priority,
+                        wanted_ranks=self._wanted_ranks(tracked),
+                        queued_at=queued,
+                    )
+                )
+        if not pending:
+            return
+        try:
+            decision = plan(pending, running, self.reservation, current)
+        except ReservationExceededError as error:
+            log.error("scheduling refused: the jobs already running break the reservation", error=str(error))
+            return
+        for job_id in decision.preemptions:
+            self._preempt(self.jobs[job_id], decision.reasons[job_id])
+        for job_id, ranks in decision.starts:
+            self._launch(self.jobs[job_id], ranks, decision.reasons[job_id])
+        for job_id in decision.waiting:
+            tracked = self.jobs[job_id]
+            reason = decision.reasons[job_id]
+            if _without_wait_time(reason) != _without_wait_time(tracked.state.reason):
+                log.info("job waits", job_id=job_id, reason=reason)
+                tracked.state = tracked.state.model_copy(update={"reason": reason})
+                self._record(tracked.state)
+
+    def _wanted_ranks(self, tracked: TrackedJob) -> int:
+        """Ranks that finish the job in about settings.job_target_seconds, from the measured per-frame cost."""
+        manifest, trial = tracked.spec.manifest, tracked.spec.trial
+        frames = None
+        if not manifest.live and manifest.frame_count is not None:
+            frames = max(0, manifest.frame_count - self.state.frames_seen(manifest.run_id, trial))
+        costs = self._frame_costs()
+        cost = None
+        if costs is not None:
+            live = self.state.counters(manifest.run_id, "live")
+            hit_fraction = live["hits"] / live["frames"] if live["frames"] else None
+            cost = costs.per_frame(hit_fraction)
+        return job_size(frames, cost, self.settings.job_target_seconds, self.reservation)
+
+    def _frame_costs(self) -> FrameCosts | None:
+        if time.monotonic() - self._costs_at > COSTS_SECONDS:
+            self._costs = measured_frame_costs(self.state, list(self._recent))
+            self._costs_at = time.monotonic()
+        return self._costs
+
+    # -- transitions -----------------------------------------------------------------------------------------------
+
+    def _launch(self, tracked: TrackedJob, ranks: int, reason: str) -> None:
+        running = [job for job in self.jobs.values() if job.state.status in RUNNING]
+        held = [slot for job in running for slot in job.state.slot_ids]
+        # The guard, independent of plan()'s arithmetic: never submit beyond the reservation and its burst.
+        check_capacity(
+            [
+                RunningJob(job_id=job.state.job_id, priority=job.state.priority, ranks=job.state.slots, started_at=0)
+                for job in running
+            ]
+            + [RunningJob(job_id=tracked.state.job_id, priority=tracked.state.priority, ranks=ranks, started_at=0)],
+            self.reservation,
+        )
+        slot_ids = assign_slots(held, ranks, self.reservation.capacity)
+        spec = tracked.spec.model_copy(update={"ranks": ranks, "attempt": tracked.state.attempt})
+        self.state.clear_rank_status(spec.job_id)
+        self.state.save_job_spec(spec)
+        tracked.spec = spec
+        try:
+            backend_id = self.backend.start(spec)
+        except BackendError as error:
+            self._attempt_failed(tracked, f"the {self.backend.name} backend could not start it: {error}", started=False)
+            return
+        tracked.state = tracked.state.model_copy(
+            update={
+                "status": JobStatus.RUNNING,
+                "slots": ranks,
+                "slot_ids": slot_ids,
+                "started_at": now(),
+                "retry_at": None,
+                "backend_id": backend_id,
+                "reason": reason,
+            }
+        )
+        tracked.progress_at = time.monotonic()
+        log.info("job started", job_id=spec.job_id, ranks=ranks, slots=slot_ids, attempt=spec.attempt, reason=reason)
+        self._record(tracked.state)
+
+    def _preempt(self, tracked: TrackedJob, reason: str) -> None:
+        job_id = tracked.state.job_id
+        self.backend.cancel(job_id)
+        self.backend.forget(job_id)
+        state = self._with_progress(tracked.state)
+        self._record_slot_use(state, "preempted")
+        tracked.state = state.model_copy(
+            update={"status": JobStatus.PREEMPTED, "slots": 0, "slot_ids": [], "started_at": None, "reason": reason}
+        )
+        log.info("job preempted", job_id=job_id, reason=reason)
+        self._record(tracked.state)
+
+    def _succeeded(self, tracked: TrackedJob) -> None:
+        job_id = tracked.state.job_id
+        state = self._with_progress(tracked.state)
+        self._record_slot_use(state, "succeeded")
+        # Frames covered = frames processed + frames skipped as already counted: every index of the run, once.
+        final = self._ended(state, JobStatus.SUCCEEDED, "exit code 0").model_copy(
+            update={"frames_total": state.frames_done}
+        )
+        self.backend.forget(job_id)
+        del self.jobs[job_id]
+        self._recent.append(job_id)
+        self._costs_at = 0.0  # new timings: re-measure the per-frame cost at the next sizing
+        log.info("job succeeded", job_id=job_id, frames=state.frames_done)
+        self._record(final)
+
+    def _attempt_failed(self, tracked: TrackedJob, why: str, started: bool = True) -> None:
+        job_id = tracked.state.job_id
+        state = tracked.state
+        if started:
+            state = self._with_progress(state)
+            self._record_slot_use(state, "failed")
+            self.backend.cancel(job_id)  # make sure nothing of a "lost" job runs on beside its retry
+            self.backend.forget(job_id)
+        failures = state.attempt + 1
+        attempts = self.settings.job_retries + 1
+        if failures <= self.settings.job_retries:
+            delay = self.settings.job_retry_backoff_seconds * 2 ** (failures - 1)
+            reason = f"attempt {failures} of {attempts} failed: {why}; retry in {delay:.0f} s"
+            tracked.state = state.model_copy(
+                update={
+                    "status": JobStatus.QUEUED,
+                    "attempt": failures,
+                    "retry_at": now() + delay,
+                    "slots": 0,
+                    "slot_ids": [],
+                    "started_at": None,
+                    "reason": reason,
+                }
+            )
+            log.warning("job attempt failed; retrying later", job_id=job_id, reason=reason)
+            self._record(tracked.state)
+            return
+        reason = f"failed {failures} of {attempts} attempts; last error: {why}"
+        del self.jobs[job_id]
+        log.error("job failed", job_id=job_id, reason=reason)
+        self._record(self._ended(state.model_copy(update={"attempt": failures}), JobStatus.FAILED, reason))
+
+    def _ended(self, state: JobState, status: JobStatus, reason: str) -> JobState:
+        update = {"status": status, "slots": 0, "slot_ids": [], "retry_at": None, "reason": reason}
+        return state.model_copy(update=update)
+
+    def _refresh_progress(self, tracked: TrackedJob) -> None:
+        if time.monotonic() - tracked.progress_at < PROGRESS_SECONDS:
+            return
+        tracked.progress_at = time.monotonic()
+        state = self._with_progress(tracked.state)
+        if state.frames_done != tracked.state.frames_done:
+            tracked.state = state
             self._record(state)
 
-    def _finished(self, current: JobState, status: BackendJobStatus) -> JobState:
-        ranks = self.state.rank_status(current.job_id)
-        covered = sum(int(r.get("frames", 0)) + int(r.get("skipped", 0)) for r in ranks.values())
-        succeeded = status.state is RunState.SUCCEEDED
-        return current.model_copy(
-            update={
-                "status": JobStatus.SUCCEEDED if succeeded else JobStatus.FAILED,
-                "frames_done": covered,
-                "frames_total": covered if succeeded else None,
-                "reason": "exit code 0"
-                if succeeded
-                else f"{status.state.value} (exit code {status.exit_code}): {status.detail}",
-                "slots": 0,
+    def _with_progress(self, state: JobState) -> JobState:
+        """The state with frames_done = frames this attempt's ranks processed or skipped as already counted."""
+        ranks = self.state.rank_status(state.job_id)
+        covered = sum(int(rank.get("frames", 0)) + int(rank.get("skipped", 0)) for rank in ranks.values())
+        return state.model_copy(update={"frames_done": covered})
+
+    def _record_slot_use(self, state: JobState, outcome: str) -> None:
+        self.state.record_slot_use(
+            {
+                "job_id": state.job_id,
+                "priority": state.priority.value,
+                "slot_ids": state.slot_ids,
+                "start": state.started_at,
+                "end": now(),
+                "outcome": outcome,
+                "frames": state.frames_done,
             }
         )
 
@@ -147,18 +475,50 @@ class Dispatcher:
         self.state.save_job(state)
         self.publisher.publish(state)
 
+    # -- service plumbing ------------------------------------------------------------------------------------------
+
     @property
     def publisher(self) -> Publisher:
         if self._publisher is None:
             self._publisher = Publisher(self.settings, role="dispatcher")
         return self._publisher
 
+    def _describe_reservation(self) -> str:
+        r = self.reservation
+        return f"{r.nodes} nodes × {r.ranks_per_node} ranks = {r.slots} slots + {r.burst_slots} burst"
+
     def details(self) -> dict[str, Any]:
-        return {"active_jobs": len(self.active)}
+        """What the heartbeat tells `sfx status`: the reservation and its occupancy."""
+        with self._lock:
+            running = [job.state for job in self.jobs.values() if job.state.status in RUNNING]
+            waiting = [job.state for job in self.jobs.values() if job.state.status in WAITING]
+        used = sum(state.slots for state in running)
+        return {
+            "backend": self.backend.name,
+            "reserved_slots": self.reservation.slots,
+            "burst_slots": self.reservation.burst_slots,
+            "slots_in_use": used,
+            "burst_in_use": max(0, used - self.reservation.slots),
+            "running_jobs": len(running),
+            "queued_jobs": len(waiting),
+        }
 
     def stop(self) -> None:
         if self._publisher is not None:
             self._publisher.close()
+
+
+def _failure_summary(status: BackendJobStatus) -> str:
+    """The exit and the line of the job's log that says what went wrong (its last error line, else its last line)."""
+    lines = [line.strip() for line in status.detail.splitlines() if line.strip()]
+    errors = [line for line in lines if "failed" in line.lower() or "error" in line.lower()]
+    said = (errors or lines or ["no output"])[-1]
+    return f"{status.state.value} (exit code {status.exit_code}): {said[:400]}"
+
+
+def _without_wait_time(reason: str) -> str:
+    """A waiting reason without its "(queued N s)" suffix, so only a new reason is logged again."""
+    return reason.rsplit(" (queued ", 1)[0]
 
 
 def make_consumers(dispatcher: Dispatcher, settings: Settings) -> list[Consumer]:
@@ -173,8 +533,8 @@ def make_consumers(dispatcher: Dispatcher, settings: Settings) -> list[Consumer]
         ),
         Consumer(
             topology.queue("dispatcher.control"),
-            ReprocessRequest,
-            dispatcher.handle_reprocess,
+            (ReprocessRequest, CancelRequest),
+            dispatcher.handle_control,
             settings=settings,
             name="dispatcher-control",
         ),

@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import string
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from libs.common.messages import JobState
+from libs.common.messages import JobState, JobStatus
 from libs.common.settings import get_settings
 from libs.common.state import LiveState
+from services.dispatcher.scheduling import reservation_from_settings, utilisation
+from sfx.cli import CommandError
+
+JOB_SYMBOLS = string.ascii_uppercase + string.ascii_lowercase + string.digits
 
 
 def register(subparsers: Any) -> None:
-    status = subparsers.add_parser("status", help="runs, trials, jobs and the latest merging statistics")
+    status = subparsers.add_parser("status", help="runs, trials, jobs, slots and the latest merging statistics")
     status.add_argument("--runs", type=int, default=10, help="show the N most recently updated runs (10)")
     status.set_defaults(handler=run_status)
     jobs = subparsers.add_parser("jobs", help="analysis jobs with state, slots and progress")
+    jobs.add_argument(
+        "--timeline",
+        type=float,
+        metavar="SECONDS",
+        help="also draw which job held which slot over the last SECONDS, and the reservation's utilisation",
+    )
     jobs.set_defaults(handler=run_jobs)
 
 
@@ -23,16 +35,97 @@ def percent(part: int, whole: int) -> str:
     return f"{100 * part / whole:5.1f}%" if whole else "    -"
 
 
+def slot_ranges(slot_ids: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` → ``0-2,5``."""
+    parts: list[str] = []
+    for slot in sorted(slot_ids):
+        if parts and parts[-1].split("-")[-1] == str(slot - 1):
+            parts[-1] = f"{parts[-1].split('-')[0]}-{slot}"
+        else:
+            parts.append(str(slot))
+    return ",".join(parts)
+
+
 def jobs_table(jobs: list[JobState]) -> list[str]:
-    lines = [f"{'job':<32} {'status':<10} {'slots':>5} {'frames':>8} {'updated':>9}  reason"]
+    lines = [
+        f"{'job':<28} {'status':<10} {'priority':<9} {'try':>3} {'slots':>5} {'held':<7} {'frames':>9} "
+        f"{'updated':>8}  reason"
+    ]
     now = time.time()
     for job in jobs:
         frames = f"{job.frames_done}" + (f"/{job.frames_total}" if job.frames_total is not None else "")
         lines.append(
-            f"{job.job_id:<32} {job.status.value:<10} {job.slots:>5} {frames:>8} {now - job.updated_at:>8.0f}s  "
-            f"{job.reason.splitlines()[0][:60] if job.reason else ''}"
+            f"{job.job_id:<28} {job.status.value:<10} {job.priority.value:<9} {job.attempt + 1:>3} {job.slots:>5} "
+            f"{slot_ranges(job.slot_ids):<7} {frames:>9} {now - job.updated_at:>7.0f}s  "
+            f"{job.reason.splitlines()[0][:90] if job.reason else ''}"
         )
     return lines
+
+
+def slot_timeline(
+    uses: Sequence[Mapping[str, Any]], reserved: int, burst: int, start: float, end: float, width: int = 72
+) -> list[str]:
+    """One row per slot, one column per (end - start)/width seconds: which job held the slot (a symbol per job).
+
+    ``uses`` are slot-history entries (job_id, priority, slot_ids, start, end); burst slots are drawn below a rule.
+    """
+    if end <= start:
+        raise ValueError(f"timeline needs end > start, got {start} and {end}")
+    symbols: dict[str, str] = {}
+    for use in sorted(uses, key=lambda use: use["start"]):
+        if use["job_id"] not in symbols:
+            symbols[use["job_id"]] = JOB_SYMBOLS[len(symbols) % len(JOB_SYMBOLS)]
+    step = (end - start) / width
+    slots = max([reserved + burst - 1, *(slot for use in uses for slot in use["slot_ids"])]) + 1
+    rows = [["."] * width for _ in range(slots)]
+    for use in uses:
+        first = max(0, int((use["start"] - start) / step + 0.5))
+        last = min(width, int((use["end"] - start) / step + 0.5))
+        for slot in use["slot_ids"]:
+            for column in range(first, last):
+                rows[slot][column] = symbols[use["job_id"]]
+    lines = [f"time →  0 s {'':>{width - 14}}{end - start:.0f} s"]
+    for slot, row in enumerate(rows):
+        if slot == reserved:
+            lines.append(f"{'':8}{'-' * width}  burst")
+        lines.append(f"slot {slot:>2} {''.join(row)}")
+    priorities = {use["job_id"]: use["priority"] for use in uses}
+    outcomes: dict[str, list[str]] = {}
+    for use in sorted(uses, key=lambda use: use["start"]):
+        outcomes.setdefault(use["job_id"], []).append(use.get("outcome", "running"))
+    lines.append("")
+    lines += [
+        f"  {symbol} {job_id} ({priorities[job_id]}: {' → '.join(outcomes[job_id])})"
+        for job_id, symbol in symbols.items()
+    ]
+    return lines
+
+
+def current_uses(state: LiveState, since: float, until: float) -> list[dict[str, Any]]:
+    """Slot history since ``since`` plus the jobs holding slots now (drawn up to ``until``)."""
+    uses = [use for use in state.slot_history() if use["end"] >= since and use["start"] is not None]
+    for job in state.jobs():
+        if job.status is JobStatus.RUNNING and job.started_at is not None and job.slot_ids:
+            uses.append(
+                {
+                    "job_id": job.job_id,
+                    "priority": job.priority.value,
+                    "slot_ids": job.slot_ids,
+                    "start": job.started_at,
+                    "end": until,
+                    "outcome": "running",
+                }
+            )
+    return uses
+
+
+def reservation_view(state: LiveState) -> dict[str, Any]:
+    """The dispatcher's own account of the reservation (its heartbeat), else the one these settings describe."""
+    for heartbeat in state.live_services():
+        if heartbeat.service == "dispatcher" and "reserved_slots" in heartbeat.details:
+            return heartbeat.details
+    reservation = reservation_from_settings(state.settings)
+    return {"reserved_slots": reservation.slots, "burst_slots": reservation.burst_slots}
 
 
 def run_status(arguments: argparse.Namespace) -> int:
@@ -51,7 +144,16 @@ def run_status(arguments: argparse.Namespace) -> int:
                 f"{percent(counters['indexed'], hits):>8} {counters['failed']:>6}"
             )
     print()
-    print("\n".join(jobs_table(state.jobs())))
+    jobs = state.jobs()
+    view = reservation_view(state)
+    in_use = sum(job.slots for job in jobs if job.status is JobStatus.RUNNING)
+    queued = sum(job.status in (JobStatus.QUEUED, JobStatus.PREEMPTED) for job in jobs)
+    reserved, burst = int(view["reserved_slots"]), int(view["burst_slots"])
+    print(
+        f"slots: {min(in_use, reserved)}/{reserved} reserved and {max(0, in_use - reserved)}/{burst} burst in use; "
+        f"{queued} jobs queued"
+    )
+    print("\n".join(jobs_table(jobs)))
     print()
     print(f"{'dataset':<48} {'trial':<10} {'frames':>6} {'compl':>6} {'mult':>5} {'CC1/2':>6} {'d_min':>6}  MTZ")
     for update in state.merges():
@@ -68,5 +170,18 @@ def run_status(arguments: argparse.Namespace) -> int:
 
 
 def run_jobs(arguments: argparse.Namespace) -> int:
-    print("\n".join(jobs_table(LiveState(get_settings()).jobs())))
+    state = LiveState(get_settings())
+    print("\n".join(jobs_table(state.jobs())))
+    if arguments.timeline is not None:
+        if arguments.timeline <= 0:
+            raise CommandError("--timeline needs a positive number of seconds")
+        until = time.time()
+        since = until - arguments.timeline
+        uses = current_uses(state, since, until)
+        view = reservation_view(state)
+        reserved, burst = int(view["reserved_slots"]), int(view["burst_slots"])
+        print()
+        print("\n".join(slot_timeline(uses, reserved, burst, since, until)))
+        spans = [(use["job_id"], len(use["slot_ids"]), use["start"], use["end"]) for use in uses]
+        print(f"\nutilisation of the {reserved} reserved slots: {utilisation(spans, reserved, since, until):.1%}")
     return 0

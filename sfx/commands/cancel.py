@@ -1,0 +1,37 @@
+"""``sfx cancel JOB [JOB...]``: stop queued or running analysis jobs (they end as cancelled and are not retried)."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+from typing import Any
+
+from libs.common.bus import Publisher
+from libs.common.messages import CancelRequest, JobStatus
+from libs.common.settings import get_settings
+from libs.common.state import LiveState
+from sfx.cli import CommandError
+
+ACTIVE = (JobStatus.QUEUED, JobStatus.STARTING, JobStatus.RUNNING, JobStatus.PREEMPTED)
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("cancel", help="stop queued or running analysis jobs")
+    parser.add_argument("jobs", nargs="+", metavar="JOB", help="job ids, as `sfx jobs` shows them (e.g. r0042.strict)")
+    parser.set_defaults(handler=run)
+
+
+def run(arguments: argparse.Namespace) -> int:
+    settings = get_settings()
+    state = LiveState(settings)
+    for job_id in arguments.jobs:
+        job = state.job(job_id)
+        if job is None:
+            raise CommandError(f"job {job_id} is unknown (see `sfx jobs`)")
+        if job.status not in ACTIVE:
+            raise CommandError(f"job {job_id} has already ended ({job.status.value})")
+    with Publisher(settings, role="sfx cancel") as publisher:
+        for job_id in arguments.jobs:
+            publisher.publish(CancelRequest(job_id=job_id, requested_by=getpass.getuser()))
+            print(f"cancel of {job_id} requested")
+    return 0
