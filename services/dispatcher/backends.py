@@ -151,12 +151,17 @@ class LocalMpiBackend:
         pid = int(pid_file.read_text())
         if not signal_group(pid, signal.SIGTERM):
             return
-        deadline = time.monotonic() + CANCEL_GRACE_SECONDS
-        while _group_alive(pid, self._children.get(job_id)):
-            if time.monotonic() > deadline:
-                signal_group(pid, signal.SIGKILL)
-                deadline = time.monotonic() + CANCEL_GRACE_SECONDS
-            time.sleep(0.05)
+        for final_signal in (signal.SIGKILL, None):
+            deadline = time.monotonic() + CANCEL_GRACE_SECONDS
+            while _group_alive(pid, self._children.get(job_id)):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            else:
+                return
+            if final_signal is None:
+                raise BackendError(f"job {job_id} (process group {pid}) survived SIGTERM and SIGKILL")
+            signal_group(pid, final_signal)
 
     def forget(self, job_id: str) -> None:
         """Drop a finished job's folder from future polls (its logs stay)."""

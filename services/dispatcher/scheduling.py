@@ -144,24 +144,23 @@ def assign_slots(held: Iterable[int], ranks: int, capacity: int) -> list[int]:
     return free[:ranks]
 
 
-class PendingJob(BaseModel):
-    """A queued request for slots."""
-
+class _ScheduledJob(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     job_id: str = Field(min_length=1)
     priority: Priority
+
+
+class PendingJob(_ScheduledJob):
+    """A queued request for slots."""
+
     wanted_ranks: int = Field(ge=1)
     queued_at: float
 
 
-class RunningJob(BaseModel):
+class RunningJob(_ScheduledJob):
     """A job holding slots."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    job_id: str = Field(min_length=1)
-    priority: Priority
     ranks: int = Field(ge=1)
     started_at: float
 

@@ -61,6 +61,7 @@ PROGRESS_SECONDS = 5.0  # how often a running job's frame count is refreshed in 
 COSTS_SECONDS = 60.0  # how often the measured per-frame cost is re-read while nothing ends
 COST_JOBS = 5  # the per-frame cost comes from the timings of this many recently ended jobs
 COST_FRAMES_PER_JOB = 2_000
+WANTED_SECONDS = 10.0  # how often a queued job's size is recomputed (its frames left and hit rate change slowly)
 
 
 def job_id_for(run_id: str, trial: str) -> str:
@@ -74,6 +75,8 @@ class TrackedJob:
     spec: JobSpec
     state: JobState
     progress_at: float = 0.0
+    wanted_ranks: int | None = None  # while queued: cached, re-sized every WANTED_SECONDS (two Redis reads)
+    wanted_at: float = 0.0
 
 
 def measured_frame_costs(state: LiveState, job_ids: Sequence[str]) -> FrameCosts | None:
@@ -164,6 +167,7 @@ class Dispatcher:
                 if tracked.state.status in WAITING:
                     # A queued job starts with what is known now (a complete run is sized by its frame count).
                     tracked.spec = tracked.spec.model_copy(update={"manifest": manifest})
+                    tracked.wanted_ranks = None
                     self.state.save_job_spec(tracked.spec)
                 return  # a running job follows its growing files by itself
             if self.state.job(job_id) is not None:
@@ -224,8 +228,7 @@ class Dispatcher:
                 return
             reason = f"cancelled by {who}"
             if tracked.state.status in RUNNING:
-                self.backend.cancel(request.job_id)
-                self.backend.forget(request.job_id)
+                self._stop(request.job_id)
                 tracked.state = self._with_progress(tracked.state)
                 self._record_slot_use(tracked.state, "cancelled")
             log.info("job cancelled", job_id=request.job_id, reason=reason)
@@ -256,8 +259,9 @@ class Dispatcher:
     def _refuse(self, run_id: str, trial: str, reason: str) -> None:
         job_id = job_id_for(run_id, trial)
         with self._lock:
-            if job_id in self.jobs:
-                return
+            previous = self.state.job(job_id)
+            if job_id in self.jobs or (previous is not None and previous.status is JobStatus.SUCCEEDED):
+                return  # a bad request must not overwrite a job that is under way or done
             state = JobState(job_id=job_id, run_id=run_id, trial=trial, status=JobStatus.FAILED, reason=reason)
             self._record(state.model_copy(update={"priority": Priority.REPROCESS}))
 
@@ -281,26 +285,32 @@ class Dispatcher:
                     self._attempt_failed(tracked, _failure_summary(status))
             self._schedule()
 
+    def _running_jobs(self, current: float) -> list[RunningJob]:
+        """The jobs holding slots, as scheduling sees them."""
+        return [
+            RunningJob(
+                job_id=job.state.job_id,
+                priority=job.state.priority,
+                ranks=job.state.slots,
+                started_at=job.state.started_at if job.state.started_at is not None else current,
+            )
+            for job in self.jobs.values()
+            if job.state.status in RUNNING
+        ]
+
     def _schedule(self) -> None:
         current = now()
-        pending, running = [], []
-        for tracked in self.jobs.values():
-            state = tracked.state
-            if state.status in RUNNING:
-                started = state.started_at if state.started_at is not None else current
-                running.append(
-                    RunningJob(job_id=state.job_id, priority=state.priority, ranks=state.slots, started_at=started)
-                )
-            elif state.status in WAITING and (state.retry_at is None or state.retry_at <= current):
-                queued = state.queued_at if state.queued_at is not None else current
-                pending.append(
-                    PendingJob(
-                        job_id=state.job_id,
-                        priority=state.priority,
-                        wanted_ranks=self._wanted_ranks(tracked),
-                        queued_at=queued,
-                    )
-                )
+        running = self._running_jobs(current)
+        pending = [
+            PendingJob(
+                job_id=job.state.job_id,
+                priority=job.state.priority,
+                wanted_ranks=self._wanted_ranks(job),
+                queued_at=job.state.queued_at if job.state.queued_at is not None else current,
+            )
+            for job in self.jobs.values()
+            if job.state.status in WAITING and (job.state.retry_at is None or job.state.retry_at <= current)
+        ]
         if not pending:
             return
         try:
@@ -322,6 +332,8 @@ class Dispatcher:
 
     def _wanted_ranks(self, tracked: TrackedJob) -> int:
         """Ranks that finish the job in about settings.job_target_seconds, from the measured per-frame cost."""
+        if tracked.wanted_ranks is not None and time.monotonic() - tracked.wanted_at < WANTED_SECONDS:
+            return tracked.wanted_ranks
         manifest, trial = tracked.spec.manifest, tracked.spec.trial
         frames = None
         if not manifest.live and manifest.frame_count is not None:
@@ -332,7 +344,9 @@ class Dispatcher:
             live = self.state.counters(manifest.run_id, "live")
             hit_fraction = live["hits"] / live["frames"] if live["frames"] else None
             cost = costs.per_frame(hit_fraction)
-        return job_size(frames, cost, self.settings.job_target_seconds, self.reservation)
+        tracked.wanted_ranks = job_size(frames, cost, self.settings.job_target_seconds, self.reservation)
+        tracked.wanted_at = time.monotonic()
+        return tracked.wanted_ranks
 
     def _frame_costs(self) -> FrameCosts | None:
         if time.monotonic() - self._costs_at > COSTS_SECONDS:
@@ -343,17 +357,22 @@ class Dispatcher:
     # -- transitions -----------------------------------------------------------------------------------------------
 
     def _launch(self, tracked: TrackedJob, ranks: int, reason: str) -> None:
-        running = [job for job in self.jobs.values() if job.state.status in RUNNING]
-        held = [slot for job in running for slot in job.state.slot_ids]
-        # The guard, independent of plan()'s arithmetic: never submit beyond the reservation and its burst.
-        check_capacity(
-            [
-                RunningJob(job_id=job.state.job_id, priority=job.state.priority, ranks=job.state.slots, started_at=0)
-                for job in running
-            ]
-            + [RunningJob(job_id=tracked.state.job_id, priority=tracked.state.priority, ranks=ranks, started_at=0)],
-            self.reservation,
+        current = now()
+        running = self._running_jobs(current)
+        held = [slot for job in self.jobs.values() if job.state.status in RUNNING for slot in job.state.slot_ids]
+        starting = RunningJob(
+            job_id=tracked.state.job_id, priority=tracked.state.priority, ranks=ranks, started_at=current
         )
+        try:
+            # The guard, independent of plan()'s arithmetic: never submit beyond the reservation and its burst.
+            check_capacity([*running, starting], self.reservation)
+        except ReservationExceededError as error:
+            log.error(
+                "start refused by the capacity guard; the job stays queued",
+                job_id=tracked.state.job_id,
+                error=str(error),
+            )
+            return
         slot_ids = assign_slots(held, ranks, self.reservation.capacity)
         spec = tracked.spec.model_copy(update={"ranks": ranks, "attempt": tracked.state.attempt})
         self.state.clear_rank_status(spec.job_id)
@@ -381,10 +400,10 @@ class Dispatcher:
 
     def _preempt(self, tracked: TrackedJob, reason: str) -> None:
         job_id = tracked.state.job_id
-        self.backend.cancel(job_id)
-        self.backend.forget(job_id)
+        self._stop(job_id)
         state = self._with_progress(tracked.state)
         self._record_slot_use(state, "preempted")
+        tracked.wanted_ranks = None  # fewer frames are left now
         tracked.state = state.model_copy(
             update={"status": JobStatus.PREEMPTED, "slots": 0, "slot_ids": [], "started_at": None, "reason": reason}
         )
@@ -412,8 +431,7 @@ class Dispatcher:
         if started:
             state = self._with_progress(state)
             self._record_slot_use(state, "failed")
-            self.backend.cancel(job_id)  # make sure nothing of a "lost" job runs on beside its retry
-            self.backend.forget(job_id)
+            self._stop(job_id)  # make sure nothing of a "lost" job runs on beside its retry
         failures = state.attempt + 1
         attempts = self.settings.job_retries + 1
         if failures <= self.settings.job_retries:
@@ -437,6 +455,14 @@ class Dispatcher:
         del self.jobs[job_id]
         log.error("job failed", job_id=job_id, reason=reason)
         self._record(self._ended(state.model_copy(update={"attempt": failures}), JobStatus.FAILED, reason))
+
+    def _stop(self, job_id: str) -> None:
+        """Stop a job through the backend and leave it out of future polls."""
+        try:
+            self.backend.cancel(job_id)
+        except BackendError as error:  # unkillable processes are for the operator; the slots are given back
+            log.error("job could not be stopped", job_id=job_id, error=str(error))
+        self.backend.forget(job_id)
 
     def _ended(self, state: JobState, status: JobStatus, reason: str) -> JobState:
         update = {"status": status, "slots": 0, "slot_ids": [], "retry_at": None, "reason": reason}
