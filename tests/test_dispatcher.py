@@ -145,11 +145,14 @@ class Cluster:
         raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
     def wait_status(self, job_id: str, *statuses: JobStatus, timeout: float = 240.0) -> JobState:
-        self.wait_for(
-            f"{job_id} in {[s.value for s in statuses]}",
-            lambda: (job := self.job(job_id)) is not None and job.status in statuses,
-            timeout,
-        )
+        """Wait until the job's state in Redis is one of ``statuses`` and the recorder has received that state too
+        (the dispatcher saves a state before it publishes it)."""
+
+        def reached() -> bool:
+            job = self.job(job_id)
+            return job is not None and job.status in statuses and job.status in self.states_of(job_id)
+
+        self.wait_for(f"{job_id} in {[s.value for s in statuses]}", reached, timeout)
         job = self.job(job_id)
         assert job is not None
         return job
