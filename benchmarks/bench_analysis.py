@@ -18,7 +18,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from libs.common.parameters import AnalysisParameters  # noqa: E402
+from libs.contracts.parameters import AnalysisParameters  # noqa: E402
 from libs.simulator import Experiment, SimulationConfig  # noqa: E402
 from services.analysis.pipeline import STAGES, AnalysisContext, process_frame  # noqa: E402
 

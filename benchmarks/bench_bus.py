@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from libs.common.bus import Consumer, Publisher, Topology, connect, running
-from libs.common.messages import FrameResult, ReflectionTable
-from libs.common.settings import Settings, get_settings
+from libs.contracts.messages import FrameResult, ReflectionTable
+from libs.contracts.settings import Settings, get_settings
+from libs.runtime.bus import Consumer, Publisher, Topology, connect, running
 
 
 def frame_result(frame_index: int, reflections: int) -> FrameResult:

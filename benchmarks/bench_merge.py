@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from libs.common.crystal import b_matrix, reciprocal_space_operators
-from libs.common.messages import FrameResult, ReflectionTable
+from libs.contracts.messages import FrameResult, ReflectionTable
+from libs.science.crystal import b_matrix, reciprocal_space_operators
 from services.merger.engine import MergingEngine, MergingParameters
 
 CELL = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)

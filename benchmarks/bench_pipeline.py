@@ -20,11 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from libs.common.bus import Topology, connect
-from libs.common.formats import open_run
-from libs.common.parameters import AnalysisParameters
-from libs.common.settings import Settings
-from libs.common.state import LiveState
+from libs.contracts.parameters import AnalysisParameters
+from libs.contracts.settings import Settings
+from libs.runtime.bus import Topology, connect
+from libs.runtime.state import LiveState
+from libs.science.formats import open_run
 from services.analysis.pipeline import process_frame
 from sfx.commands.lifecycle import start_services, stop_services
 

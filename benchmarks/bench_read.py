@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from libs.common.formats import open_run, open_run_writer
-from libs.common.geometry import Beam, Detector, jungfrau4m_detector
+from libs.science.formats import open_run, open_run_writer
+from libs.science.geometry import Beam, Detector, jungfrau4m_detector
 
 WORK = Path("/tmp/sfx-bench-read")
 

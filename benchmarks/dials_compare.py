@@ -28,9 +28,9 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from libs.common.crystal import lattice_operators, misorientation_degrees  # noqa: E402
-from libs.common.formats import open_run, open_run_writer  # noqa: E402
-from libs.common.parameters import AnalysisParameters  # noqa: E402
+from libs.contracts.parameters import AnalysisParameters  # noqa: E402
+from libs.science.crystal import lattice_operators, misorientation_degrees  # noqa: E402
+from libs.science.formats import open_run, open_run_writer  # noqa: E402
 from libs.simulator import Experiment, SimulationConfig  # noqa: E402
 from services.analysis.pipeline import process_frame  # noqa: E402
 

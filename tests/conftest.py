@@ -12,9 +12,9 @@ from urllib.parse import urlsplit
 import kombu
 import pytest
 
-from libs.common.bus import Topology, connect
-from libs.common.settings import Settings, get_settings
-from libs.common.state import LiveState
+from libs.contracts.settings import Settings, get_settings
+from libs.runtime.bus import Topology, connect
+from libs.runtime.state import LiveState
 
 AMQP_URL = os.environ.get("SFX_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 REDIS_URL = os.environ.get("SFX_REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from libs.common.crystal import b_matrix, reciprocal_space_operators, space_group
-from libs.common.messages import FrameResult, ReflectionTable
+from libs.contracts.messages import FrameResult, ReflectionTable
+from libs.science.crystal import b_matrix, reciprocal_space_operators, space_group
 from libs.simulator import Experiment, FrameTruth
 from services.merger.ambiguity import reindexing_modes
 from services.merger.asu import AsuMapper

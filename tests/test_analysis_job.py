@@ -8,10 +8,10 @@ from pathlib import Path
 
 import kombu
 
-from libs.common.bus import Topology, connect
-from libs.common.messages import FrameResult, JobSpec, RunManifest, decode_message
-from libs.common.settings import Settings
-from libs.common.state import LiveState
+from libs.contracts.messages import FrameResult, JobSpec, RunManifest, decode_message
+from libs.contracts.settings import Settings
+from libs.runtime.bus import Topology, connect
+from libs.runtime.state import LiveState
 from tests.conftest import settings_environment
 
 REPO = Path(__file__).resolve().parents[1]

@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from libs.common.crystal import lattice_operators, misorientation_degrees
-from libs.common.formats import open_run_writer
-from libs.common.messages import FrameResult, decode_message
-from libs.common.parameters import AnalysisParameters
+from libs.contracts.messages import FrameResult, decode_message
+from libs.contracts.parameters import AnalysisParameters
+from libs.science.crystal import lattice_operators, misorientation_degrees
+from libs.science.formats import open_run_writer
 from libs.simulator import Experiment, SimulationConfig
 from services.analysis.pipeline import AnalysisError, process_frame
 

@@ -14,7 +14,21 @@ import kombu
 import numpy as np
 import pytest
 
-from libs.common.bus import (
+from libs.contracts.messages import (
+    FrameResult,
+    JobSpec,
+    JobState,
+    JobStatus,
+    MergeUpdate,
+    Message,
+    ReflectionTable,
+    ReprocessRequest,
+    RunManifest,
+    ServiceHeartbeat,
+    ShellStatistics,
+)
+from libs.contracts.settings import Settings
+from libs.runtime.bus import (
     HEADER_ERROR,
     HEADER_TYPE,
     BusError,
@@ -30,21 +44,7 @@ from libs.common.bus import (
     routing_key_for,
     running,
 )
-from libs.common.messages import (
-    FrameResult,
-    JobSpec,
-    JobState,
-    JobStatus,
-    MergeUpdate,
-    Message,
-    ReflectionTable,
-    ReprocessRequest,
-    RunManifest,
-    ServiceHeartbeat,
-    ShellStatistics,
-)
-from libs.common.settings import Settings
-from libs.common.state import LiveState
+from libs.runtime.state import LiveState
 from sfx.cli import main as sfx_main
 from tests.conftest import rabbitmqctl, settings_environment, wait_until
 
@@ -199,11 +199,11 @@ def test_subscriber_selects_results_by_run_and_trial(settings: Settings, scratch
 
 DOOMED_CONSUMER = """
 import time
-from libs.common.bus import Consumer, Topology
-from libs.common.messages import FrameResult
-from libs.common.logging import configure_logging
-from libs.common.settings import get_settings
-from libs.common.state import LiveState
+from libs.runtime.bus import Consumer, Topology
+from libs.contracts.messages import FrameResult
+from libs.runtime.logging import configure_logging
+from libs.contracts.settings import get_settings
+from libs.runtime.state import LiveState
 
 configure_logging("doomed", "json")  # logs to stderr; stdout carries the test's signal
 settings = get_settings()

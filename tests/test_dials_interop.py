@@ -18,8 +18,8 @@ import hdf5plugin
 import numpy as np
 import pytest
 
-from libs.common.formats import open_run, open_run_writer
-from libs.common.geometry import Beam, Detector, jungfrau4m_detector, single_panel_detector
+from libs.science.formats import open_run, open_run_writer
+from libs.science.geometry import Beam, Detector, jungfrau4m_detector, single_panel_detector
 from tests.test_formats import synthetic_frames, write_foreign_nxmx
 
 DEBIAN_PYTHON = "/usr/bin/python3"

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from libs.common.bus import Consumer, Publisher, Topology, connect, running
-from libs.common.messages import (
+from libs.contracts.costs import recent_job_ids
+from libs.contracts.messages import (
     FrameResult,
     JobState,
     JobStatus,
@@ -30,10 +30,10 @@ from libs.common.messages import (
     RunManifest,
     decode_message,
 )
-from libs.common.settings import Settings
-from libs.common.state import LiveState
+from libs.contracts.settings import Settings
+from libs.runtime.bus import Consumer, Publisher, Topology, connect, running
+from libs.runtime.state import LiveState
 from services.dispatcher.scheduling import ranks_to_keep_up, reservation_from_settings, utilisation
-from services.dispatcher.service import measured_frame_costs, recent_job_ids
 from sfx.commands.lifecycle import running_pid, start_services, stop_services
 from sfx.commands.status import slot_timeline
 from tests.conftest import cleanup, make_settings, settings_environment
@@ -372,7 +372,7 @@ def test_sfx_plan_uses_the_measured_per_frame_costs(cluster: Cluster) -> None:
         with Publisher(cluster.settings, role="test") as publisher:
             cluster.announce(publisher, RUNS[3])
         cluster.wait_status(f"{RUNS[3]}.live", JobStatus.SUCCEEDED)
-    costs = measured_frame_costs(cluster.state, recent_job_ids(cluster.state.jobs()))
+    costs = cluster.state.measured_frame_costs(recent_job_ids(cluster.state.jobs()))
     assert costs is not None and 0 < costs.blank_seconds < costs.hit_seconds < 10
 
     result = sfx(cluster, "plan", "--rate", "120", "--hit-fraction", "0.3", "--frames", "12000")

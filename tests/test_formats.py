@@ -13,15 +13,15 @@ import h5py
 import numpy as np
 import pytest
 
-from libs.common.formats import FormatError, open_run, open_run_writer
-from libs.common.formats.crystfel_geom import (
+from libs.science.formats import FormatError, open_run, open_run_writer
+from libs.science.formats.crystfel_geom import (
     bad_region_mask,
     geom_text,
     parse_geom,
     to_detector,
     wavelength_angstrom,
 )
-from libs.common.geometry import Beam, Detector, Panel, jungfrau4m_detector, single_panel_detector
+from libs.science.geometry import Beam, Detector, Panel, jungfrau4m_detector, single_panel_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 BEAM = Beam(wavelength=1.3, bandwidth=0.004, divergence=2e-4, polarization_fraction=0.95)
@@ -213,8 +213,8 @@ _LIVE_WRITER = textwrap.dedent(
     import sys, time
     import numpy as np
     sys.path.insert(0, {root!r})
-    from libs.common.formats import open_run_writer
-    from libs.common.geometry import Beam
+    from libs.science.formats import open_run_writer
+    from libs.science.geometry import Beam
     from tests.test_formats import small_multipanel_detector, synthetic_frames
     detector = small_multipanel_detector()
     frames = synthetic_frames(detector, {count})
@@ -695,7 +695,7 @@ def test_file_held_by_a_writer_without_swmr_is_reported_as_locked(tmp_path: Path
         writer.append(synthetic_frames(detector, 1)[0])
         probe = (
             f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
-            "from libs.common.formats import FormatError, open_run\n"
+            "from libs.science.formats import FormatError, open_run\n"
             f"try:\n    open_run({str(path)!r})\nexcept FormatError as error:\n    print(error)\n"
         )
         seen = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from libs.common.geometry import (
+from libs.science.geometry import (
     Beam,
     GeometryError,
     bragg_angle,

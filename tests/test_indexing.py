@@ -5,9 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from libs.common.crystal import axis_angle_matrix, b_matrix, lattice_operators, misorientation_degrees, random_rotations
-from libs.common.geometry import Beam, jungfrau4m_detector, scattering_vectors
-from libs.common.parameters import IndexingParameters, RefinementParameters
+from libs.contracts.parameters import IndexingParameters, RefinementParameters
+from libs.science.crystal import (
+    axis_angle_matrix,
+    b_matrix,
+    lattice_operators,
+    misorientation_degrees,
+    random_rotations,
+)
+from libs.science.geometry import Beam, jungfrau4m_detector, scattering_vectors
 from services.analysis.indexing import index_known_cell
 from services.analysis.refinement import ewald_projection, excitation_error, refine
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from libs.common.crystal import b_matrix, random_rotations
-from libs.common.geometry import Beam, single_panel_detector
-from libs.common.parameters import IntegrationParameters
+from libs.contracts.parameters import IntegrationParameters
+from libs.science.crystal import b_matrix, random_rotations
+from libs.science.geometry import Beam, single_panel_detector
 from services.analysis.integration import (
     LORENTZ_REFERENCE_WIDTH,
     Flag,
@@ -71,7 +71,7 @@ def test_predictions_lie_near_the_ewald_sphere_with_gaussian_partiality() -> Non
     assert np.all((predictions.fast >= 0) & (predictions.fast < 1024))
     # The direction of each prediction is the Ewald-projected s1: its d-spacing is that of h.
     lab = DETECTOR.pixel_to_lab(predictions.panel, predictions.fast, predictions.slow)
-    from libs.common.geometry import d_spacing_of_lab_points
+    from libs.science.geometry import d_spacing_of_lab_points
 
     assert np.allclose(d_spacing_of_lab_points(lab, BEAM.wavelength), predictions.d_spacing, rtol=1e-6)
 

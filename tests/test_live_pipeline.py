@@ -21,12 +21,12 @@ import hdf5plugin  # noqa: F401 - registers the bitshuffle filter used below
 import numpy as np
 import pytest
 
-from libs.common.bus import Topology, connect
-from libs.common.messages import FrameResult, MergeUpdate, RunManifest, decode_message
-from libs.common.settings import Settings
-from libs.common.state import LiveState
+from libs.contracts.datasets import dataset_id_for
+from libs.contracts.messages import FrameResult, MergeUpdate, RunManifest, decode_message
+from libs.contracts.settings import Settings
+from libs.runtime.bus import Topology, connect
+from libs.runtime.state import LiveState
 from libs.simulator.files import read_truth
-from services.merger.service import dataset_id_for
 from sfx.commands.lifecycle import start_services, stop_services
 from tests.conftest import cleanup, make_settings, settings_environment
 

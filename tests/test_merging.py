@@ -10,8 +10,8 @@ import gemmi
 import numpy as np
 import pytest
 
-from libs.common.crystal import reciprocal_space_operators, space_group
-from libs.common.messages import FrameResult, ReflectionTable, decode_message
+from libs.contracts.messages import FrameResult, ReflectionTable, decode_message
+from libs.science.crystal import reciprocal_space_operators, space_group
 from libs.simulator import Experiment, SimulationConfig
 from services.merger.ambiguity import reindexing_modes
 from services.merger.asu import AsuMapper

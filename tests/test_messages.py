@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from libs.common.arrays import pack_array, unpack_array
-from libs.common.messages import (
+from libs.contracts.arrays import pack_array, unpack_array
+from libs.contracts.messages import (
     FrameResult,
     MessageError,
     ReflectionTable,

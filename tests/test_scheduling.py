@@ -7,17 +7,16 @@ from dataclasses import dataclass
 import pytest
 from pydantic import ValidationError
 
-from libs.common.messages import Priority
-from libs.common.settings import Settings
+from libs.contracts.costs import FrameCosts, frame_costs
+from libs.contracts.messages import Priority
+from libs.contracts.settings import Settings
 from services.dispatcher.scheduling import (
-    FrameCosts,
     PendingJob,
     Reservation,
     ReservationExceededError,
     RunningJob,
     assign_slots,
     check_capacity,
-    frame_costs,
     job_size,
     plan,
     ranks_to_keep_up,

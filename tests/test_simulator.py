@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from libs.common.crystal import reciprocal_space_operators, unit_cell
-from libs.common.formats import FormatError, open_run
+from libs.science.crystal import reciprocal_space_operators, unit_cell
+from libs.science.formats import FormatError, open_run
 from libs.simulator import Experiment, FrameTruth, SimulationConfig
 from libs.simulator.files import read_reflection_run, read_truth, truth_path_for
 from libs.simulator.image import QuantisedPoisson

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from libs.common.geometry import Beam, jungfrau4m_detector, single_panel_detector
-from libs.common.parameters import (
+from libs.contracts.parameters import (
     AnalysisParameters,
     ParameterError,
     SpotfindingParameters,
     parameters_from_dict,
     with_overrides,
 )
+from libs.science.geometry import Beam, jungfrau4m_detector, single_panel_detector
 from services.analysis.hitfinding import classify, resolution_from_spots
 from services.analysis.integration import detector_d_min
 from services.analysis.pipeline import AnalysisContext, AnalysisError
@@ -62,7 +62,7 @@ def small_detector_frame(seed: int, gain: float = 1.0) -> tuple[np.ndarray, np.n
 
 
 def two_panel_detector() -> object:
-    from libs.common.geometry import Detector, Panel
+    from libs.science.geometry import Detector, Panel
 
     panels = [
         Panel(

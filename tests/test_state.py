@@ -9,11 +9,11 @@ from typing import Any
 import kombu
 import pytest
 
-from libs.common.bus import Consumer, Topology, running
-from libs.common.heartbeat import Heartbeat
-from libs.common.messages import FrameResult, JobState, JobStatus, RunManifest, ServiceHeartbeat
-from libs.common.settings import Settings
-from libs.common.state import Keys, LiveState
+from libs.contracts.messages import FrameResult, JobState, JobStatus, RunManifest, ServiceHeartbeat
+from libs.contracts.settings import Settings
+from libs.runtime.bus import Consumer, Topology, running
+from libs.runtime.heartbeat import Heartbeat
+from libs.runtime.state import Keys, LiveState
 from sfx.cli import main as sfx_main
 from tests.conftest import wait_until
 

@@ -6,9 +6,9 @@ import subprocess
 import sys
 import time
 
-from libs.common.messages import FrameResult, JobState, JobStatus, MergeUpdate, RunManifest, ShellStatistics
-from libs.common.settings import Settings
-from libs.common.state import LiveState
+from libs.contracts.messages import FrameResult, JobState, JobStatus, MergeUpdate, RunManifest, ShellStatistics
+from libs.contracts.settings import Settings
+from libs.runtime.state import LiveState
 from sfx.commands.status import slot_timeline
 from tests.conftest import settings_environment
 

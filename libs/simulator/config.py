@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from libs.common.crystal import SymmetryError, check_cell_fits_space_group, space_group, unit_cell
+from libs.science.crystal import SymmetryError, check_cell_fits_space_group, space_group, unit_cell
 
 
 class SimulationConfig(BaseModel):

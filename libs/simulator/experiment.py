@@ -14,9 +14,9 @@ from functools import lru_cache
 import gemmi
 import numpy as np
 
-from libs.common.crystal import b_matrix, lattice_operators, quaternion_to_matrix, space_group
-from libs.common.geometry import Beam, Detector, jungfrau4m_detector, single_panel_detector
-from libs.common.messages import ReflectionTable
+from libs.contracts.messages import ReflectionTable
+from libs.science.crystal import b_matrix, lattice_operators, quaternion_to_matrix, space_group
+from libs.science.geometry import Beam, Detector, jungfrau4m_detector, single_panel_detector
 from libs.simulator.config import SimulationConfig
 from libs.simulator.image import QuantisedPoisson, background_template, detector_mask, render_spots
 from libs.simulator.physics import (
@@ -243,7 +243,7 @@ class Experiment:
             draws[j, 0] = rng.random()
             draws[j, 1] = rng.integers(len(self._indexing_operators))
             draws[j, 2:] = rng.normal(size=12)
-        # Uniform rotations exactly as libs.common.crystal.random_rotations draws them (normalised Gaussian
+        # Uniform rotations exactly as libs.science.crystal.random_rotations draws them (normalised Gaussian
         # quaternions), converted for the whole batch at once.
         quaternions = draws[:, 2:6] / np.linalg.norm(draws[:, 2:6], axis=1, keepdims=True)
         U = quaternion_to_matrix(quaternions)

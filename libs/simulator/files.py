@@ -16,7 +16,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from libs.common.messages import ReflectionTable
+from libs.contracts.messages import ReflectionTable
 from libs.simulator.config import SimulationConfig
 from libs.simulator.experiment import Experiment, FrameTruth, ReflectionBatch
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from libs.common.geometry import Beam, Detector, d_spacing_of_lab_points
+from libs.science.geometry import Beam, Detector, d_spacing_of_lab_points
 from libs.simulator.physics import DetectorSpots, polarisation_factor
 
 BACKGROUND_STEP = 0.01  # photons: quantum of the background template

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numexpr
 import numpy as np
 
-from libs.common.crystal import b_matrix
-from libs.common.geometry import Detector
+from libs.science.crystal import b_matrix
+from libs.science.geometry import Detector
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 DOMAIN_SIGMA_FACTOR = 0.376  # σ (1/Å) of a Gaussian with the FWHM of a cube's shape transform is 0.376 / D

@@ -14,7 +14,7 @@ from functools import lru_cache
 import gemmi
 import numpy as np
 
-from libs.common.crystal import reciprocal_space_operators, unit_cell
+from libs.science.crystal import reciprocal_space_operators, unit_cell
 
 PROTEIN_VOLUME_PER_ATOM = 17.8  # Å³ per non-hydrogen atom in a protein (1.35 g/cm³)
 ELEMENTS = ("C", "N", "O", "S")

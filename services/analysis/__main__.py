@@ -8,8 +8,8 @@ from pathlib import Path
 
 import structlog
 
-from libs.common.logging import configure_logging, get_logger
-from libs.common.settings import get_settings
+from libs.contracts.settings import get_settings
+from libs.runtime.logging import configure_logging, get_logger
 from services.analysis.job import JobError, RankWorker, gather_totals, load_spec
 
 

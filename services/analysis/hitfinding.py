@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from libs.common.parameters import HitfindingParameters
+from libs.contracts.parameters import HitfindingParameters
 
 
 @dataclass(frozen=True)

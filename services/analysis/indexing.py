@@ -21,8 +21,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from libs.common.crystal import b_matrix, reciprocal_space_operators, space_group
-from libs.common.parameters import IndexingParameters
+from libs.contracts.parameters import IndexingParameters
+from libs.science.crystal import b_matrix, reciprocal_space_operators, space_group
 
 
 @dataclass(frozen=True)

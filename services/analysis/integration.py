@@ -28,9 +28,9 @@ from functools import lru_cache
 
 import numpy as np
 
-from libs.common.crystal import b_matrix
-from libs.common.geometry import Beam, Detector
-from libs.common.parameters import IntegrationParameters
+from libs.contracts.parameters import IntegrationParameters
+from libs.science.crystal import b_matrix
+from libs.science.geometry import Beam, Detector
 from services.analysis.refinement import ExcitationWidth, ewald_projection, excitation_error
 
 # σ_ref of the stills Lorentz factor L = σ_ref/σ: the width (1/Å) of a 2000 Å mosaic domain (0.376/D), the same

@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from libs.common.bus import Publisher
-from libs.common.formats import FormatError, RunReader, open_run
-from libs.common.logging import get_logger
-from libs.common.messages import FrameResult, JobSpec, decode_message
-from libs.common.parameters import AnalysisParameters, with_overrides
-from libs.common.settings import Settings
-from libs.common.state import LiveState
+from libs.contracts.messages import FrameResult, JobSpec, decode_message
+from libs.contracts.parameters import AnalysisParameters, with_overrides
+from libs.contracts.settings import Settings
+from libs.runtime.bus import Publisher
+from libs.runtime.logging import get_logger
+from libs.runtime.state import LiveState
+from libs.science.formats import FormatError, RunReader, open_run
 from services.analysis.frame_queue import SharedFrameCounter
 from services.analysis.pipeline import AnalysisContext, AnalysisError, get_context, process_frame
 

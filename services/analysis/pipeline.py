@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from libs.common.crystal import check_cell_fits_space_group, space_group
-from libs.common.geometry import Beam, Detector, scattering_vectors
-from libs.common.messages import FrameResult, ReflectionTable
-from libs.common.parameters import AnalysisParameters, IntegrationParameters
+from libs.contracts.messages import FrameResult, ReflectionTable
+from libs.contracts.parameters import AnalysisParameters, IntegrationParameters
+from libs.science.crystal import check_cell_fits_space_group, space_group
+from libs.science.geometry import Beam, Detector, scattering_vectors
 from services.analysis.hitfinding import classify
 from services.analysis.indexing import index_known_cell, index_with
 from services.analysis.integration import IntegratedReflections, integrate, predict, spot_profile_sigma

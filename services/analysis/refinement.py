@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import least_squares
 
-from libs.common.crystal import axis_angle_matrix, b_matrix, cell_from_a_matrix, space_group
-from libs.common.parameters import RefinementParameters
+from libs.contracts.parameters import RefinementParameters
+from libs.science.crystal import axis_angle_matrix, b_matrix, cell_from_a_matrix, space_group
 
 # Which cell parameters are free in each lattice system; the rest follow from them.
 _FREE_CELL = {

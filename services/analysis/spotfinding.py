@@ -23,8 +23,8 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from libs.common.geometry import Beam, Detector, Panel, d_spacing_of_lab_points
-from libs.common.parameters import SpotfindingParameters
+from libs.contracts.parameters import SpotfindingParameters
+from libs.science.geometry import Beam, Detector, Panel, d_spacing_of_lab_points
 
 
 class SpotfindingError(ValueError):

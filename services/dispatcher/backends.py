@@ -19,8 +19,8 @@ from typing import Protocol
 
 from pydantic import BaseModel
 
-from libs.common.messages import JobSpec
-from libs.common.processes import signal_group
+from libs.contracts.messages import JobSpec
+from libs.runtime.processes import signal_group
 
 CANCEL_GRACE_SECONDS = 10.0
 

@@ -18,13 +18,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from libs.common.bus import Consumer, Publisher, Topology
-from libs.common.logging import get_logger
-from libs.common.messages import (
+from libs.contracts.costs import COST_JOBS, FrameCosts, recent_job_ids
+from libs.contracts.messages import (
+    FINAL_STATUSES,
     CancelRequest,
     JobSpec,
     JobState,
@@ -34,18 +33,18 @@ from libs.common.messages import (
     RunManifest,
     now,
 )
-from libs.common.parameters import AnalysisParameters, with_overrides
-from libs.common.settings import Settings
-from libs.common.state import LiveState
+from libs.contracts.parameters import AnalysisParameters, with_overrides
+from libs.contracts.settings import Settings
+from libs.runtime.bus import Consumer, Publisher, Topology
+from libs.runtime.logging import get_logger
+from libs.runtime.state import LiveState
 from services.dispatcher.backends import Backend, BackendError, BackendJobStatus, RunState
 from services.dispatcher.scheduling import (
-    FrameCosts,
     PendingJob,
     ReservationExceededError,
     RunningJob,
     assign_slots,
     check_capacity,
-    frame_costs,
     job_size,
     plan,
     reservation_from_settings,
@@ -53,14 +52,12 @@ from services.dispatcher.scheduling import (
 
 log = get_logger(__name__)
 
-FINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+FINAL = FINAL_STATUSES
 WAITING = frozenset({JobStatus.QUEUED, JobStatus.PREEMPTED})
 RUNNING = frozenset({JobStatus.STARTING, JobStatus.RUNNING})
 
 PROGRESS_SECONDS = 5.0  # how often a running job's frame count is refreshed in Redis and published
 COSTS_SECONDS = 60.0  # how often the measured per-frame cost is re-read while nothing ends
-COST_JOBS = 5  # the per-frame cost comes from the timings of this many recently ended jobs
-COST_FRAMES_PER_JOB = 2_000
 WANTED_SECONDS = 10.0  # how often a queued job's size is recomputed (its frames left and hit rate change slowly)
 
 
@@ -77,20 +74,6 @@ class TrackedJob:
     progress_at: float = 0.0
     wanted_ranks: int | None = None  # while queued: cached, re-sized every WANTED_SECONDS (two Redis reads)
     wanted_at: float = 0.0
-
-
-def measured_frame_costs(state: LiveState, job_ids: Sequence[str]) -> FrameCosts | None:
-    """Per-frame costs from the timings the analysis ranks of these jobs wrote to Redis (their latest frames)."""
-    entries: list[dict[str, Any]] = []
-    for job_id in job_ids:
-        entries += state.timeline(job_id, last=COST_FRAMES_PER_JOB)
-    return frame_costs(entries)
-
-
-def recent_job_ids(jobs: Sequence[JobState], count: int = COST_JOBS) -> list[str]:
-    """Ids of the most recently ended jobs that processed frames (``jobs`` most recent first, as Redis lists them)."""
-    ended = [job.job_id for job in jobs if job.status in FINAL and job.frames_done > 0]
-    return ended[:count]
 
 
 class Dispatcher:
@@ -350,7 +333,7 @@ class Dispatcher:
 
     def _frame_costs(self) -> FrameCosts | None:
         if time.monotonic() - self._costs_at > COSTS_SECONDS:
-            self._costs = measured_frame_costs(self.state, list(self._recent))
+            self._costs = self.state.measured_frame_costs(list(self._recent))
             self._costs_at = time.monotonic()
         return self._costs
 

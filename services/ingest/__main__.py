@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from libs.common.service import PeriodicTask, run_service, start_logging
+from libs.runtime.service import PeriodicTask, run_service, start_logging
 from services.ingest.service import Ingest
 
 

@@ -25,12 +25,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from libs.common.bus import Publisher
-from libs.common.formats import FormatError, open_run
-from libs.common.logging import get_logger
-from libs.common.messages import CellParameters, FileRejected, RunManifest, validate_cell
-from libs.common.settings import Settings
-from libs.common.state import LiveState
+from libs.contracts.messages import CellParameters, FileRejected, RunManifest, validate_cell
+from libs.contracts.settings import Settings
+from libs.runtime.bus import Publisher
+from libs.runtime.logging import get_logger
+from libs.runtime.state import LiveState
+from libs.science.formats import FormatError, open_run
 from services.ingest.discovery import FileObservation, RunCandidate, StabilityTracker, recognise_runs
 
 log = get_logger(__name__)

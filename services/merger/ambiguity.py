@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import gemmi
 import numpy as np
 
-from libs.common.crystal import lattice_operators, reciprocal_space_operators
+from libs.science.crystal import lattice_operators, reciprocal_space_operators
 from services.merger.rejection import grouped_correlation
 
 

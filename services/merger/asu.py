@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import gemmi
 import numpy as np
 
-from libs.common.crystal import b_matrix, unit_cell
+from libs.science.crystal import b_matrix, unit_cell
 
 _OFFSET = 1024
 _SPAN = 2048

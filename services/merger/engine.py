@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from libs.common.crystal import check_cell_fits_space_group, space_group
-from libs.common.messages import FrameResult, MergeUpdate
+from libs.contracts.messages import FrameResult, MergeUpdate
+from libs.science.crystal import check_cell_fits_space_group, space_group
 from services.merger.ambiguity import (
     choose_modes,
     mode_correlations,

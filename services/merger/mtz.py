@@ -12,7 +12,7 @@ from pathlib import Path
 import gemmi
 import numpy as np
 
-from libs.common.crystal import unit_cell
+from libs.science.crystal import unit_cell
 from services.merger.engine import MergingEngine
 
 

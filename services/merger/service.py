@@ -11,38 +11,28 @@ so the final MTZ depends only on which frames were merged, never on their arriva
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from libs.common.bus import Consumer, Publisher, Topology
-from libs.common.logging import get_logger
-from libs.common.messages import FrameResult, JobState, JobStatus, MergeUpdate, RunManifest, decode_message
-from libs.common.settings import Settings
-from libs.common.state import LiveState
+from libs.contracts.datasets import dataset_id_for
+from libs.contracts.messages import FrameResult, JobState, JobStatus, MergeUpdate, RunManifest, decode_message
+from libs.contracts.settings import Settings
+from libs.runtime.bus import Consumer, Publisher, Topology
+from libs.runtime.logging import get_logger
+from libs.runtime.state import LiveState
 from services.merger.engine import MergingEngine
 from services.merger.mtz import write_merge_outputs
 
 log = get_logger(__name__)
 
 FrameKey = tuple[str, str, int]
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
 
 
 class MergerError(RuntimeError):
     """A result the merger cannot place (e.g. its run was never announced)."""
-
-
-def dataset_id_for(manifest: RunManifest) -> str:
-    """Runs of the same sample, space group and cell (to 0.1 Å / 0.1°) merge into one dataset."""
-    assert manifest.cell is not None and manifest.space_group is not None
-    cell = "_".join(f"{value:.1f}" for value in manifest.cell)
-    group = manifest.space_group.replace(" ", "")
-    sample = manifest.sample or "sample"
-    return _UNSAFE.sub("-", f"{sample}_{group}_{cell}")
 
 
 @dataclass

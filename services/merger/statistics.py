@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from libs.common.messages import ShellStatistics
+from libs.contracts.messages import ShellStatistics
 
 
 class ReflectionSums:

@@ -11,7 +11,8 @@ from typing import Any
 import kombu
 import redis
 
-from libs.common.bus import (
+from libs.contracts.settings import get_settings
+from libs.runtime.bus import (
     HEADER_DEAD_LETTERED_AT,
     HEADER_ERROR,
     HEADER_ORIGINAL_EXCHANGE,
@@ -26,8 +27,7 @@ from libs.common.bus import (
     body_bytes,
     connect,
 )
-from libs.common.settings import get_settings
-from libs.common.state import LiveState
+from libs.runtime.state import LiveState
 from sfx.cli import CommandError
 
 # Headers that describe a past death; a replayed message starts a fresh life without them.

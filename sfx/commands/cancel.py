@@ -6,10 +6,10 @@ import argparse
 import getpass
 from typing import Any
 
-from libs.common.bus import Publisher
-from libs.common.messages import CancelRequest, JobStatus
-from libs.common.settings import get_settings
-from libs.common.state import LiveState
+from libs.contracts.messages import CancelRequest, JobStatus
+from libs.contracts.settings import get_settings
+from libs.runtime.bus import Publisher
+from libs.runtime.state import LiveState
 from sfx.cli import CommandError
 
 ACTIVE = (JobStatus.QUEUED, JobStatus.STARTING, JobStatus.RUNNING, JobStatus.PREEMPTED)

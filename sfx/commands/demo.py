@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from libs.common.bus import Topology, connect
-from libs.common.messages import MergeUpdate, RunManifest
-from libs.common.settings import Settings
-from libs.common.state import LiveState
-from services.merger.service import dataset_id_for
+from libs.contracts.datasets import dataset_id_for
+from libs.contracts.messages import MergeUpdate, RunManifest
+from libs.contracts.settings import Settings
+from libs.runtime.bus import Topology, connect
+from libs.runtime.state import LiveState
 from services.merger.statistics import MergingStatistics, format_table
 from sfx.cli import CommandError
 from sfx.commands.lifecycle import start_services, stop_services

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from libs.common.processes import signal_group
-from libs.common.settings import get_settings
+from libs.contracts.settings import get_settings
+from libs.runtime.processes import signal_group
 
 SERVICES = ("ingest", "dispatcher", "merger")
 """The long-running services; analysis jobs are started by the dispatcher, not here."""

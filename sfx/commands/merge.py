@@ -8,8 +8,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from libs.common.crystal import SymmetryError
-from libs.common.messages import FrameResult, MessageError, decode_message
+from libs.contracts.messages import FrameResult, MessageError, decode_message
+from libs.science.crystal import SymmetryError
 from services.merger.engine import MergingEngine, MergingParameters
 from services.merger.mtz import write_merge_outputs
 from services.merger.statistics import format_table

@@ -10,10 +10,10 @@ import argparse
 import math
 from typing import Any
 
-from libs.common.settings import get_settings
-from libs.common.state import LiveState
-from services.dispatcher.scheduling import FrameCosts, ranks_to_keep_up, reservation_from_settings, run_duration
-from services.dispatcher.service import measured_frame_costs, recent_job_ids
+from libs.contracts.costs import FrameCosts, recent_job_ids
+from libs.contracts.settings import get_settings
+from libs.runtime.state import LiveState
+from services.dispatcher.scheduling import ranks_to_keep_up, reservation_from_settings, run_duration
 from sfx.cli import CommandError
 
 
@@ -53,7 +53,7 @@ def run(arguments: argparse.Namespace) -> int:
     else:
         state = LiveState(settings)
         job_ids = recent_job_ids(state.jobs())
-        measured = measured_frame_costs(state, job_ids)
+        measured = state.measured_frame_costs(job_ids)
         if measured is None:
             raise CommandError(
                 "no per-frame costs are measured yet (no finished job has timings in Redis); "

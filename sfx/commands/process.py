@@ -11,9 +11,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from libs.common.formats import FormatError, open_run
-from libs.common.messages import FrameResult
-from libs.common.parameters import AnalysisParameters, ParameterError, with_overrides
+from libs.contracts.messages import FrameResult
+from libs.contracts.parameters import AnalysisParameters, ParameterError, with_overrides
+from libs.science.formats import FormatError, open_run
 from sfx.cli import CommandError
 from sfx.commands.merge import add_merge_arguments, finish, make_engine, merge_results, parse_cell
 from sfx.commands.process_frame import parse_overrides

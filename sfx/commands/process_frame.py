@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from libs.common.formats import FormatError, open_run
-from libs.common.parameters import AnalysisParameters, ParameterError, with_overrides
+from libs.contracts.parameters import AnalysisParameters, ParameterError, with_overrides
+from libs.science.formats import FormatError, open_run
 from services.analysis.pipeline import STAGES, AnalysisError, FrameAnalysis, process_frame
 from sfx.cli import CommandError
 from sfx.commands.merge import parse_cell

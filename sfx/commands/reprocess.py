@@ -10,10 +10,10 @@ import argparse
 import getpass
 from typing import Any
 
-from libs.common.bus import Publisher
-from libs.common.messages import ReprocessRequest
-from libs.common.parameters import AnalysisParameters, with_overrides
-from libs.common.settings import get_settings
+from libs.contracts.messages import ReprocessRequest
+from libs.contracts.parameters import AnalysisParameters, with_overrides
+from libs.contracts.settings import get_settings
+from libs.runtime.bus import Publisher
 from sfx.cli import CommandError
 from sfx.commands.process_frame import parse_overrides
 

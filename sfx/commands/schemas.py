@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from libs.common.messages import MESSAGE_TYPES
+from libs.contracts.messages import MESSAGE_TYPES
 
 
 def register(subparsers: Any) -> None:

@@ -146,7 +146,7 @@ def run(arguments: argparse.Namespace) -> int:
             writer.close()
             truth.close()
     else:
-        from libs.common.formats import open_run_writer
+        from libs.science.formats import open_run_writer
 
         live = arguments.live_rate is not None
         run_writer = open_run_writer(

@@ -8,9 +8,9 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from libs.common.messages import JobState, JobStatus
-from libs.common.settings import get_settings
-from libs.common.state import LiveState
+from libs.contracts.messages import JobState, JobStatus
+from libs.contracts.settings import get_settings
+from libs.runtime.state import LiveState
 from services.dispatcher.scheduling import reservation_from_settings, utilisation
 from sfx.cli import CommandError
 

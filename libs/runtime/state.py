@@ -2,7 +2,7 @@
 
 Redis holds live state only (progress, counters, latest statistics, who is alive); what must survive lives in files
 or is recomputed from messages. Every key starts with ``<namespace>:`` and every id inside a key is escaped with
-:func:`libs.common.bus.escape_word` (so a ``:`` in a run id cannot be mistaken for a separator).
+:func:`libs.contracts.naming.escape_word` (so a ``:`` in a run id cannot be mistaken for a separator).
 
 ===================================  =======  ======================  ===============================================
 key                                  type     TTL                     content
@@ -41,8 +41,8 @@ from typing import Any, TypeVar
 import numpy as np
 import redis
 
-from libs.common.bus import escape_word
-from libs.common.messages import (
+from libs.contracts.costs import COST_FRAMES_PER_JOB, FrameCosts, frame_costs
+from libs.contracts.messages import (
     FileRejected,
     FrameResult,
     JobSpec,
@@ -53,7 +53,8 @@ from libs.common.messages import (
     ServiceHeartbeat,
     decode_message,
 )
-from libs.common.settings import Settings, get_settings
+from libs.contracts.naming import escape_word
+from libs.contracts.settings import Settings, get_settings
 
 M = TypeVar("M", bound=Message)
 
@@ -329,6 +330,13 @@ class LiveState:
         start = 0 if last is None else -last
         raw: list[bytes] = self.redis.lrange(self.keys.job_timeline(job_id), start, -1)  # type: ignore[assignment]
         return [json.loads(entry) for entry in raw]
+
+    def measured_frame_costs(self, job_ids: Sequence[str]) -> FrameCosts | None:
+        """Per-frame costs from the timings the analysis ranks of these jobs recorded (their latest frames)."""
+        entries: list[dict[str, Any]] = []
+        for job_id in job_ids:
+            entries += self.timeline(job_id, last=COST_FRAMES_PER_JOB)
+        return frame_costs(entries)
 
     # -- services --------------------------------------------------------------------------------------------------
 

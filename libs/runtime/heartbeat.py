@@ -16,11 +16,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Literal
 
-from libs.common.bus import Publisher, PublishError
-from libs.common.logging import get_logger
-from libs.common.messages import ServiceHeartbeat
-from libs.common.settings import Settings, get_settings
-from libs.common.state import LiveState
+from libs.contracts.messages import ServiceHeartbeat
+from libs.contracts.settings import Settings, get_settings
+from libs.runtime.bus import Publisher, PublishError
+from libs.runtime.logging import get_logger
+from libs.runtime.state import LiveState
 
 log = get_logger(__name__)
 

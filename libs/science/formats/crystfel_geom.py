@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from libs.common.formats.base import MCSTAS_TO_LAB, PLANCK_EV_ANGSTROM, common_size_check, describe, unit_vector
-from libs.common.formats.errors import FormatError
-from libs.common.geometry import Beam, Detector, GeometryError, Panel
+from libs.science.formats.base import MCSTAS_TO_LAB, PLANCK_EV_ANGSTROM, common_size_check, describe, unit_vector
+from libs.science.formats.errors import FormatError
+from libs.science.geometry import Beam, Detector, GeometryError, Panel
 
 # CrystFEL's bandwidth is the standard deviation of a Gaussian spectrum; ours is its FWHM.
 _FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))

@@ -15,7 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar, overload
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from libs.common.arrays import PackedArray
+from libs.contracts.arrays import PackedArray
 
 SCHEMA_VERSION = 1
 
@@ -119,6 +119,10 @@ class JobStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+FINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+"""A job in one of these states is over: it is never started, polled or retried again."""
 
 
 class JobState(Message):

@@ -32,9 +32,9 @@ so a subscriber selects by kind, run and trial with topic patterns (``frame.r004
 Publishing: :class:`Publisher` has its own connection, puts the channel in confirm mode and waits for the broker's
 confirmation of every message (pipelined for batches); on a lost connection it reconnects with backoff and publishes
 again whatever was not confirmed, so a publish either is confirmed or raises :class:`PublishError`. A message can
-therefore arrive twice (at-least-once); every consumer must be idempotent (``libs.common.state`` counts once).
+therefore arrive twice (at-least-once); every consumer must be idempotent (``libs.runtime.state`` counts once).
 
-Consuming: :class:`Consumer` validates each delivery with :func:`libs.common.messages.decode_message` and runs the
+Consuming: :class:`Consumer` validates each delivery with :func:`libs.contracts.messages.decode_message` and runs the
 handler in a worker thread while the connection's thread keeps reading the socket and sending AMQP heartbeats, so heavy
 numpy work never starves the heartbeats. It acks only after the handler returned; a handler exception requeues the
 message (the broker counts deliveries in ``x-delivery-count``; on the last allowed delivery the consumer dead-letters
@@ -62,8 +62,7 @@ from typing import Any, ClassVar
 import kombu
 import structlog
 
-from libs.common.logging import get_logger
-from libs.common.messages import (
+from libs.contracts.messages import (
     CancelRequest,
     FileRejected,
     FrameResult,
@@ -77,7 +76,9 @@ from libs.common.messages import (
     ServiceHeartbeat,
     decode_message,
 )
-from libs.common.settings import Settings, get_settings
+from libs.contracts.naming import escape_word
+from libs.contracts.settings import Settings, get_settings
+from libs.runtime.logging import get_logger
 
 log = get_logger(__name__)
 
@@ -115,7 +116,6 @@ HEADER_ORIGINAL_QUEUE = "x-sfx-original-queue"
 HEADER_DEAD_LETTERED_AT = "x-sfx-dead-lettered-at"
 HEADER_REPLAYED = "x-sfx-replayed"
 
-_SAFE_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 _MAX_ROUTING_KEY_BYTES = 255
 
 
@@ -125,19 +125,6 @@ class BusError(RuntimeError):
 
 class PublishError(BusError):
     """A message was not confirmed by the broker within the retry budget."""
-
-
-def escape_word(value: str | int) -> str:
-    """One word of a routing key or Redis key: characters other than letters, digits, ``_``, ``-`` become ``%XX``.
-
-    Topic keys split on ``.`` and treat ``*``/``#`` as wildcards, Redis keys here split on ``:`` and SCAN patterns use
-    ``*?[]``, and run ids may contain dots and colons: escaping keeps one id one word, and the mapping is reversible
-    (``%`` itself is escaped). Ordinary ids (``r0042``, ``live``) are unchanged.
-    """
-    text = str(value)
-    if not text:
-        raise ValueError("a routing-key word cannot be empty")
-    return "".join(c if c in _SAFE_CHARACTERS else "".join(f"%{b:02X}" for b in c.encode()) for c in text)
 
 
 def _join(kind: str, *words: str | int) -> str:
@@ -320,7 +307,7 @@ class Topology:
                 except connection.channel_errors as error:
                     raise BusError(
                         f"queue {kombu_queue.name} exists with different arguments ({error}); delete it or use the "
-                        "arguments of libs/common/bus.py"
+                        "arguments of libs/runtime/bus.py"
                     ) from error
                 declared.append(kombu_queue.name)
         finally:

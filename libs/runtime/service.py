@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from libs.common.bus import Consumer, declare_topology
-from libs.common.heartbeat import Heartbeat
-from libs.common.logging import configure_logging, get_logger
-from libs.common.settings import Settings, get_settings
+from libs.contracts.settings import Settings, get_settings
+from libs.runtime.bus import Consumer, declare_topology
+from libs.runtime.heartbeat import Heartbeat
+from libs.runtime.logging import configure_logging, get_logger
 
 log = get_logger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from libs.common.formats.base import (
+from libs.science.formats.base import (
     PLANCK_EV_ANGSTROM,
     RUN_COMPLETE_NAME,
     Compression,
@@ -30,7 +30,7 @@ from libs.common.formats.base import (
     dataset_at,
     open_hdf5,
 )
-from libs.common.formats.crystfel_geom import (
+from libs.science.formats.crystfel_geom import (
     CrystfelGeometry,
     bad_region_mask,
     beam_from_geom,
@@ -39,8 +39,8 @@ from libs.common.formats.crystfel_geom import (
     to_detector,
     wavelength_angstrom,
 )
-from libs.common.formats.errors import FormatError
-from libs.common.geometry import Beam, Detector
+from libs.science.formats.errors import FormatError
+from libs.science.geometry import Beam, Detector
 
 _DATA = "/entry_1/data_1/data"
 _MASK = "/entry_1/data_1/mask"

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 from pydantic import ValidationError
 
-from libs.common.formats.base import (
+from libs.science.formats.base import (
     MCSTAS_TO_LAB,
     RUN_COMPLETE_NAME,
     Compression,
@@ -41,8 +41,8 @@ from libs.common.formats.base import (
     resolve_link_path,
     unit_vector,
 )
-from libs.common.formats.errors import FormatError
-from libs.common.geometry import Beam, Detector, GeometryError, Panel
+from libs.science.formats.errors import FormatError
+from libs.science.geometry import Beam, Detector, GeometryError, Panel
 
 _DETECTOR = "/entry/instrument/detector"
 _DATA_FILE_LINK = re.compile(r"^data_(\d{6})$")

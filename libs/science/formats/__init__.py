@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from libs.common.formats.base import Compression, FileFormat, RunReader, RunWriter
-from libs.common.formats.errors import FormatError
-from libs.common.geometry import Beam, Detector
+from libs.science.formats.base import Compression, FileFormat, RunReader, RunWriter
+from libs.science.formats.errors import FormatError
+from libs.science.geometry import Beam, Detector
 
 __all__ = ["FormatError", "RunReader", "RunWriter", "detect_format", "open_run", "open_run_writer"]
 
@@ -40,7 +40,7 @@ def open_run_writer(
     CXI also writes ``<path stem>.geom`` (CrystFEL geometry) beside the file.
     """
     if file_format == "nxmx":
-        from libs.common.formats.nxmx import NxmxRunWriter
+        from libs.science.formats.nxmx import NxmxRunWriter
 
         return NxmxRunWriter(
             Path(path),
@@ -55,7 +55,7 @@ def open_run_writer(
     if file_format == "cxi":
         if frames_per_data_file is not None:
             raise ValueError("frames_per_data_file applies to NXmx only; CXI runs are one file per writer")
-        from libs.common.formats.cxi import CxiRunWriter
+        from libs.science.formats.cxi import CxiRunWriter
 
         return CxiRunWriter(Path(path), detector, beam, mask=mask, compression=compression, live=live, dtype=dtype)
     raise ValueError(f"file_format must be 'nxmx' or 'cxi', got {file_format!r}")
@@ -63,7 +63,7 @@ def open_run_writer(
 
 def detect_format(path: Path) -> FileFormat:
     """'cxi' for a file with /entry_1 (Cheetah/CrystFEL layout), 'nxmx' for an NXmx master or data file."""
-    from libs.common.formats.base import open_hdf5
+    from libs.science.formats.base import open_hdf5
 
     with open_hdf5(path) as file:
         if "entry_1" in file:
@@ -95,11 +95,11 @@ def open_run(paths: str | Path | list[str | Path] | list[Path], geometry: str | 
     if len(set(formats.values())) > 1:
         raise FormatError(files[0], f"a run mixes formats: { ({str(k): v for k, v in formats.items()}) }")
     if formats[files[0]] == "cxi":
-        from libs.common.formats.cxi import open_cxi_run
+        from libs.science.formats.cxi import open_cxi_run
 
         return open_cxi_run(files, Path(geometry) if geometry is not None else None)
     if geometry is not None:
         raise FormatError(geometry, "a geometry file applies to CXI runs only; NXmx files carry their geometry")
-    from libs.common.formats.nxmx import open_nxmx_run
+    from libs.science.formats.nxmx import open_nxmx_run
 
     return open_nxmx_run(files)

@@ -22,8 +22,8 @@ import h5py
 import hdf5plugin
 import numpy as np
 
-from libs.common.formats.errors import FormatError
-from libs.common.geometry import Beam, Detector
+from libs.science.formats.errors import FormatError
+from libs.science.geometry import Beam, Detector
 
 FileFormat = Literal["nxmx", "cxi"]
 Compression = Literal["none", "bitshuffle-lz4"]

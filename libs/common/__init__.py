@@ -1,1 +1,0 @@
-"""What every sfx-live service shares: contracts, settings, bus, live state, logging, geometry, symmetry."""

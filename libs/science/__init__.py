@@ -1,0 +1,1 @@
+"""The science every part shares: detector geometry, crystal symmetry, detector file formats (no bus, no Redis)."""
