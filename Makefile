@@ -4,7 +4,11 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTHON_FOR_VENV ?= python3.11
 
-.PHONY: install servers test lint format demo bench schemas clean
+.PHONY: install system servers test test-fast lint format demo bench schemas clean
+
+# Debian packages (the servers; DIALS and cctbx, which the tests cross-check against): installs only what is missing.
+system:
+	bash scripts/install-system-packages.sh
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON_FOR_VENV) -m venv $(VENV)
@@ -14,20 +18,26 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-servers:
+servers: system
 	bash scripts/ensure-servers.sh
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Everything: lint, then every test (the end-to-end ones marked slow included).
 test: install servers lint
 	$(BIN)/pytest -q
+
+# The edit–test loop: every test but the slow end-to-end ones, in under two minutes.
+test-fast: install servers
+	$(BIN)/pytest -q -m "not slow"
 
 demo: install servers
 	$(BIN)/sfx demo

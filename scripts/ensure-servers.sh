@@ -2,13 +2,7 @@
 # Make sure RabbitMQ (127.0.0.1:5672) and Redis (127.0.0.1:6379) answer; install and start them if needed.
 set -euo pipefail
 
-need_apt=()
-command -v redis-server >/dev/null || need_apt+=(redis-server)
-command -v rabbitmq-server >/dev/null || need_apt+=(rabbitmq-server)
-if [ ${#need_apt[@]} -gt 0 ]; then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
-fi
+command -v redis-server >/dev/null && command -v rabbitmq-server >/dev/null || bash "$(dirname "$0")/install-system-packages.sh"
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
