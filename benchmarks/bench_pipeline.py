@@ -26,7 +26,7 @@ from libs.runtime.bus import Topology, connect
 from libs.runtime.state import LiveState
 from libs.science.formats import open_run
 from services.analysis.pipeline import process_frame
-from sfx.commands.lifecycle import start_services, stop_services
+from sfx.services_control import start_services, stop_services
 
 CELL = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)
 SPACE_GROUP = "P 43 21 2"

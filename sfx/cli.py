@@ -9,10 +9,7 @@ import sys
 from collections.abc import Sequence
 
 import sfx.commands
-
-
-class CommandError(Exception):
-    """A user-facing failure: printed as one line, exit status 2."""
+from sfx.errors import CommandError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,8 +34,8 @@ from libs.contracts.settings import Settings
 from libs.runtime.bus import Consumer, Publisher, Topology, connect, running
 from libs.runtime.state import LiveState
 from services.dispatcher.scheduling import ranks_to_keep_up, reservation_from_settings, utilisation
-from sfx.commands.lifecycle import running_pid, start_services, stop_services
 from sfx.commands.status import slot_timeline
+from sfx.services_control import running_pid, start_services, stop_services
 from tests.conftest import cleanup, make_settings, settings_environment
 
 REPO = Path(__file__).resolve().parents[1]

@@ -27,7 +27,7 @@ from libs.contracts.settings import Settings
 from libs.runtime.bus import Topology, connect
 from libs.runtime.state import LiveState
 from libs.simulator.files import read_truth
-from sfx.commands.lifecycle import start_services, stop_services
+from sfx.services_control import start_services, stop_services
 from tests.conftest import cleanup, make_settings, settings_environment
 
 REPO = Path(__file__).resolve().parents[1]

@@ -28,7 +28,7 @@ from libs.runtime.bus import (
     connect,
 )
 from libs.runtime.state import LiveState
-from sfx.cli import CommandError
+from sfx.errors import CommandError
 
 # Headers that describe a past death; a replayed message starts a fresh life without them.
 _DEATH_HEADERS = (

@@ -10,7 +10,7 @@ from libs.contracts.messages import CancelRequest, JobStatus
 from libs.contracts.settings import get_settings
 from libs.runtime.bus import Publisher
 from libs.runtime.state import LiveState
-from sfx.cli import CommandError
+from sfx.errors import CommandError
 
 ACTIVE = (JobStatus.QUEUED, JobStatus.STARTING, JobStatus.RUNNING, JobStatus.PREEMPTED)
 

@@ -23,8 +23,8 @@ from libs.contracts.settings import Settings
 from libs.runtime.bus import Topology, connect
 from libs.runtime.state import LiveState
 from services.merger.statistics import MergingStatistics, format_table
-from sfx.cli import CommandError
-from sfx.commands.lifecycle import start_services, stop_services
+from sfx.errors import CommandError
+from sfx.services_control import start_services, stop_services
 
 CELL = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)
 SPACE_GROUP = "P 43 21 2"

@@ -14,7 +14,7 @@ from libs.contracts.costs import FrameCosts, recent_job_ids
 from libs.contracts.settings import get_settings
 from libs.runtime.state import LiveState
 from services.dispatcher.scheduling import ranks_to_keep_up, reservation_from_settings, run_duration
-from sfx.cli import CommandError
+from sfx.errors import CommandError
 
 
 def register(subparsers: Any) -> None:

@@ -14,9 +14,9 @@ from typing import Any
 from libs.contracts.messages import FrameResult
 from libs.contracts.parameters import AnalysisParameters, ParameterError, with_overrides
 from libs.science.formats import FormatError, open_run
-from sfx.cli import CommandError
-from sfx.commands.merge import add_merge_arguments, finish, make_engine, merge_results, parse_cell
-from sfx.commands.process_frame import parse_overrides
+from sfx.errors import CommandError
+from sfx.offline_merge import finish, make_engine, merge_results
+from sfx.options import add_merge_arguments, parse_cell, parse_overrides
 
 FRAMES_JSONL = "frames.jsonl"
 CHUNK_FRAMES = 8

@@ -13,8 +13,8 @@ import numpy as np
 from libs.contracts.parameters import AnalysisParameters, ParameterError, with_overrides
 from libs.science.formats import FormatError, open_run
 from services.analysis.pipeline import STAGES, AnalysisError, FrameAnalysis, process_frame
-from sfx.cli import CommandError
-from sfx.commands.merge import parse_cell
+from sfx.errors import CommandError
+from sfx.options import parse_cell, parse_overrides
 
 
 def register(subparsers: Any) -> None:
@@ -37,23 +37,6 @@ def register(subparsers: Any) -> None:
         help="override an analysis parameter, e.g. spotfinding.sigma_strong=4 (repeatable)",
     )
     parser.set_defaults(handler=run)
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``--set KEY=VALUE`` items as a dict of dotted overrides; values are JSON when they parse, else strings."""
-    overrides: dict[str, Any] = {}
-    for item in items:
-        key, separator, value = item.partition("=")
-        if not separator or not key:
-            raise CommandError(f"--set {item!r}: expected KEY=VALUE")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value
-    return overrides
-
-
-_parse_overrides = parse_overrides  # the name sfx process imports
 
 
 def run(arguments: argparse.Namespace) -> int:

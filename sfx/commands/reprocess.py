@@ -14,8 +14,8 @@ from libs.contracts.messages import ReprocessRequest
 from libs.contracts.parameters import AnalysisParameters, with_overrides
 from libs.contracts.settings import get_settings
 from libs.runtime.bus import Publisher
-from sfx.cli import CommandError
-from sfx.commands.process_frame import parse_overrides
+from sfx.errors import CommandError
+from sfx.options import parse_overrides
 
 
 def register(subparsers: Any) -> None:

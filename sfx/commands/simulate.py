@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from sfx.cli import CommandError
+from sfx.errors import CommandError
 
 DESCRIPTION = """\
 Simulate a serial femtosecond crystallography run: still frames of randomly oriented microcrystals (a fraction of

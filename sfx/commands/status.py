@@ -12,7 +12,7 @@ from libs.contracts.messages import JobState, JobStatus
 from libs.contracts.settings import get_settings
 from libs.runtime.state import LiveState
 from services.dispatcher.scheduling import reservation_from_settings, utilisation
-from sfx.cli import CommandError
+from sfx.errors import CommandError
 
 JOB_SYMBOLS = string.ascii_uppercase + string.ascii_lowercase + string.digits
 
