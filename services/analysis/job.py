@@ -1,6 +1,6 @@
 """One analysis job: ``mpiexec -n N python -m services.analysis --job SPEC.json``.
 
-Every rank opens the run, takes blocks of frames from a shared MPI counter (services.analysis.frame_queue), runs each
+Every rank opens the run, takes blocks of frames from a shared MPI counter (services.analysis.frame_counter), runs each
 frame through services.analysis.pipeline and publishes FrameResults in small batches. A frame that cannot be read or
 processed becomes a FrameResult with its error; the job goes on. For a live run a rank whose next frame is not
 written yet waits for it until the run is complete. Frames already counted under the job's trial (a job resumed after
@@ -25,7 +25,7 @@ from libs.runtime.bus import Publisher
 from libs.runtime.logging import get_logger
 from libs.runtime.state import LiveState
 from libs.science.formats import FormatError, RunReader, open_run
-from services.analysis.frame_queue import SharedFrameCounter
+from services.analysis.frame_counter import SharedFrameCounter
 from services.analysis.pipeline import AnalysisContext, AnalysisError, get_context, process_frame
 
 log = get_logger(__name__)
