@@ -74,3 +74,15 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings, read once."""
     return Settings()
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for messages and output (a URL may carry credentials)."""
+    from urllib.parse import urlsplit  # local: this helper is the file's only user
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user_info, _, host = parts.netloc.rpartition("@")
+    user = user_info.partition(":")[0]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
