@@ -7,6 +7,7 @@ a few bytes per value instead of a JSON number each, and readable by any languag
 from __future__ import annotations
 
 import base64
+import math
 from typing import Annotated, Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from pydantic import PlainSerializer, PlainValidator, WithJsonSchema
 
 _ALLOWED_KINDS = {"i", "u", "f", "b"}
 _MAX_VALUES = 50_000_000
+_MAX_DIMENSIONS = 8
 
 
 def pack_array(array: np.ndarray) -> dict[str, Any]:
@@ -44,7 +46,9 @@ def unpack_array(value: Any) -> np.ndarray:
     shape = value["shape"]
     if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
         raise ValueError(f"packed array shape {shape!r} must be a list of non-negative integers")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if len(shape) > _MAX_DIMENSIONS:
+        raise ValueError(f"packed array has {len(shape)} dimensions; at most {_MAX_DIMENSIONS} are allowed")
+    count = math.prod(shape)  # Python integers: a forged shape cannot overflow into a small count
     if count > _MAX_VALUES:
         raise ValueError(f"packed array of {count} values exceeds the limit of {_MAX_VALUES}")
     try:

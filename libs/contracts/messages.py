@@ -19,6 +19,31 @@ from libs.contracts.arrays import PackedArray
 
 SCHEMA_VERSION = 1
 
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+"""Larger bodies are refused before parsing (a frame's reflections take a few hundred kB)."""
+
+MAX_FRAMES_PER_RUN = 10_000_000
+"""Frame indices stay below this (about a day at 120 Hz): a forged index cannot make Redis allocate a huge bitmap."""
+
+RunId = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9_\-][A-Za-z0-9_.:\-]*$",
+        description="Letters, digits and _ - . : (not first): never a path that leaves its folder",
+    ),
+]
+TrialName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$",
+        description="Letters, digits and _ - . (not first): a trial names a folder of the merger's output",
+    ),
+]
+
 CellParameters = Annotated[
     tuple[float, float, float, float, float, float],
     Field(description="Unit cell a, b, c (Å) and alpha, beta, gamma (degrees)"),
@@ -71,11 +96,11 @@ class RunManifest(Message):
 
     type_name: ClassVar[str] = "run_manifest"
     type: Literal["run_manifest"] = "run_manifest"
-    run_id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$")
+    run_id: RunId
     experiment: str = Field("", max_length=200)
     files: list[str] = Field(min_length=1, description="Absolute paths of the run's data files, in order")
     file_format: Literal["nxmx", "cxi"]
-    frame_count: int | None = Field(None, ge=0, description="Frames written so far, if known")
+    frame_count: int | None = Field(None, ge=0, le=MAX_FRAMES_PER_RUN, description="Frames written so far, if known")
     geometry: str | None = Field(None, description="Path of a CrystFEL .geom file; None: geometry in the files")
     sample: str = Field("", max_length=200)
     cell: CellParameters | None = None
@@ -101,7 +126,7 @@ class JobSpec(Message):
     type: Literal["job_spec"] = "job_spec"
     job_id: str = Field(min_length=1, max_length=200)
     manifest: RunManifest
-    trial: str = Field("live", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$")
+    trial: TrialName = "live"
     parameters: dict[str, Any] = Field(default_factory=dict, description="Overrides of the analysis defaults")
     priority: Priority = Priority.LIVE
     ranks: int = Field(1, ge=1, le=100_000)
@@ -130,9 +155,9 @@ class JobState(Message):
 
     type_name: ClassVar[str] = "job_state"
     type: Literal["job_state"] = "job_state"
-    job_id: str = Field(min_length=1)
-    run_id: str = Field(min_length=1)
-    trial: str = Field(min_length=1)
+    job_id: str = Field(min_length=1, max_length=400)
+    run_id: RunId
+    trial: TrialName
     status: JobStatus
     priority: Priority = Priority.LIVE
     slots: int = Field(0, ge=0, description="Ranks the job holds now (0 unless running)")
@@ -140,7 +165,7 @@ class JobState(Message):
         default_factory=list, description="Which slots of the reservation it holds (reserved first, then burst)"
     )
     frames_done: int = Field(0, ge=0)
-    frames_total: int | None = Field(None, ge=0)
+    frames_total: int | None = Field(None, ge=0, le=MAX_FRAMES_PER_RUN)
     attempt: int = Field(0, ge=0, description="Starts after a failure so far (0: the first attempt)")
     queued_at: float | None = Field(None, description="When the job was first queued (kept across preemptions)")
     started_at: float | None = Field(None, description="When its current attempt started")
@@ -204,10 +229,10 @@ class FrameResult(Message):
 
     type_name: ClassVar[str] = "frame_result"
     type: Literal["frame_result"] = "frame_result"
-    run_id: str = Field(min_length=1)
-    trial: str = Field(min_length=1)
-    frame_index: int = Field(ge=0)
-    job_id: str = ""
+    run_id: RunId
+    trial: TrialName
+    frame_index: int = Field(ge=0, lt=MAX_FRAMES_PER_RUN)
+    job_id: str = Field("", max_length=400)
     started_at: float
     finished_at: float
     rank: int = Field(0, ge=0)
@@ -247,8 +272,8 @@ class ReprocessRequest(Message):
 
     type_name: ClassVar[str] = "reprocess_request"
     type: Literal["reprocess_request"] = "reprocess_request"
-    run_ids: list[str] = Field(min_length=1)
-    trial: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$")
+    run_ids: list[RunId] = Field(min_length=1, max_length=1000)
+    trial: TrialName
     parameters: dict[str, Any] = Field(default_factory=dict)
     requested_by: str = ""
     requested_at: float = Field(default_factory=now)
@@ -287,9 +312,9 @@ class MergeUpdate(Message):
 
     type_name: ClassVar[str] = "merge_update"
     type: Literal["merge_update"] = "merge_update"
-    dataset_id: str = Field(min_length=1)
-    trial: str = Field(min_length=1)
-    run_ids: list[str] = Field(default_factory=list)
+    dataset_id: str = Field(min_length=1, max_length=400)
+    trial: TrialName
+    run_ids: list[RunId] = Field(default_factory=list)
     frames_merged: int = Field(0, ge=0)
     frames_rejected: int = Field(0, ge=0)
     overall: ShellStatistics | None = None
@@ -324,7 +349,7 @@ class FileRejected(Message):
 
     type_name: ClassVar[str] = "file_rejected"
     type: Literal["file_rejected"] = "file_rejected"
-    run_id: str = Field(min_length=1)
+    run_id: RunId
     path: str = Field(min_length=1)
     reason: str = Field(min_length=1)
     rejected_at: float = Field(default_factory=now)
@@ -355,10 +380,14 @@ def decode_message(body: bytes | str, expected: type[Message] | None = None) -> 
 
     Raises MessageError with the field and the defect when the bytes are not a valid message.
     """
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"message body of {len(body)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise MessageError(f"message body is not JSON: {error}") from error
+    except RecursionError as error:
+        raise MessageError("message body is JSON nested too deeply") from error
     if not isinstance(payload, dict):
         raise MessageError(f"message body must be a JSON object, got {type(payload).__name__}")
     type_name = payload.get("type")
