@@ -1,16 +1,22 @@
 """The merger service: FrameResults in, MergeUpdates and MTZ files out.
 
 Runs are grouped into datasets by sample, space group, cell and trial. Durability: every accepted FrameResult is
-appended to its dataset's journal (``<work_dir>/merger/<dataset>/<trial>/results.jsonl``) before the message is
-acked; on start the journals are replayed, so a restart neither loses nor double-counts a frame (a redelivered
-result whose key is in the journal is acked and dropped). The engine is fed in batches by the periodic task, which
-also publishes a MergeUpdate every few seconds. When a job reports that a run is done and every frame of it has
-arrived, the dataset is finalised: the engine is rebuilt from the journal in (run, frame) order and fully re-scaled,
-so the final MTZ depends only on which frames were merged, never on their arrival order or on restarts.
+appended to its dataset's journal (``<work_dir>/merger/<dataset>/<trial>/results.jsonl``, fsynced) before it is
+counted in Redis and before the message is acked; on start the journals are replayed, so a restart neither loses
+nor double-counts a frame (a redelivered result whose key is in the journal is counted again, which Redis ignores,
+and dropped). Which runs have ended, and which of them are written, is kept beside the journal (``runs.json``),
+so a merger killed after acking a run's final state still writes its MTZ when it comes back. Every manifest the
+merger used is kept in ``<work_dir>/merger/manifests/`` so it places results of known runs after Redis was
+emptied. The engine is fed in batches by the periodic task, which also publishes a MergeUpdate every few seconds.
+When a job reports that a run is done and every frame of it has arrived, the dataset is finalised: the engine is
+rebuilt from the journal in (run, frame) order and fully re-scaled, so the final MTZ depends only on which frames
+were merged, never on their arrival order or on restarts. MTZ files and every state file are written under a
+temporary name and renamed, so a full disk never leaves a partial one.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,8 +25,10 @@ from typing import Any
 
 from libs.contracts.datasets import dataset_id_for
 from libs.contracts.messages import FrameResult, JobState, JobStatus, MergeUpdate, RunManifest, decode_message
+from libs.contracts.naming import escape_word
 from libs.contracts.settings import Settings
 from libs.runtime.bus import Consumer, Publisher, Topology
+from libs.runtime.durable import Journal, replacing, write_atomically
 from libs.runtime.logging import get_logger
 from libs.runtime.state import LiveState
 from services.merger.engine import MergingEngine
@@ -45,6 +53,7 @@ class Dataset:
     space_group: str
     folder: Path
     engine: MergingEngine
+    journal: Journal
     keys: set[FrameKey] = field(default_factory=set)
     pending: list[FrameResult] = field(default_factory=list)
     frames_by_run: dict[str, int] = field(default_factory=dict)
@@ -54,8 +63,24 @@ class Dataset:
     mtz_path: Path | None = None
 
     @property
-    def journal(self) -> Path:
-        return self.folder / "results.jsonl"
+    def runs_file(self) -> Path:
+        return self.folder / "runs.json"
+
+    def save_runs(self) -> None:
+        """Persist which runs have ended (with their frame totals) and which of them are written."""
+        content = {"done": self.runs_done, "final": sorted(self.runs_final)}
+        write_atomically(self.runs_file, json.dumps(content, sort_keys=True).encode())
+
+    def load_runs(self) -> None:
+        if not self.runs_file.exists():
+            return
+        try:
+            content = json.loads(self.runs_file.read_bytes())
+            self.runs_done = {str(run): int(total) for run, total in content["done"].items()}
+            self.runs_final = {str(run) for run in content["final"]}
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            # Written by rename, so only a foreign hand damages it; the runs then end again when their jobs do.
+            log.error("runs file unreadable; ended runs forgotten", path=str(self.runs_file), error=str(error))
 
 
 class Merger:
@@ -65,7 +90,7 @@ class Merger:
         self.settings = settings
         self.state = LiveState(settings)
         self.root = settings.work_dir / "merger"
-        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "manifests").mkdir(parents=True, exist_ok=True)
         self.datasets: dict[tuple[str, str], Dataset] = {}
         self.run_dataset: dict[tuple[str, str], tuple[str, str]] = {}
         self._manifests: dict[str, RunManifest] = {}
@@ -76,29 +101,42 @@ class Merger:
     # -- restart ---------------------------------------------------------------------------------------------------
 
     def restore(self) -> None:
-        """Rebuild every dataset from its journal."""
+        """Rebuild every dataset from its header, journal and runs file."""
         for journal in sorted(self.root.glob("*/*/results.jsonl")):
-            header = journal.parent / "dataset.json"
-            if not header.exists():
+            manifest = self._header_manifest(journal)
+            if manifest is None:
                 continue
-            manifest = decode_message(header.read_bytes(), RunManifest)
             dataset = self._dataset_for(manifest, journal.parent.name)
-            results = self._read_journal(journal)
-            for result in results:
-                self._remember(dataset, result)
-            dataset.pending.extend(results)
-            log.info("dataset restored", dataset=dataset.dataset_id, trial=dataset.trial, frames=len(results))
+            log.info("dataset restored", dataset=dataset.dataset_id, trial=dataset.trial, frames=len(dataset.keys))
+
+    def _header_manifest(self, journal: Path) -> RunManifest | None:
+        """The manifest a dataset folder was made for; from a run of its journal when the header is damaged."""
+        header = journal.parent / "dataset.json"
+        try:
+            return decode_message(header.read_bytes(), RunManifest)
+        except (OSError, ValueError) as error:
+            log.error("dataset header unreadable", path=str(header), error=str(error))
+        for _, line in Journal(journal).lines():
+            try:
+                run_id = decode_message(line, FrameResult).run_id
+            except ValueError:
+                continue
+            manifest = self._stored_manifest(run_id)
+            if manifest is not None:
+                write_atomically(header, manifest.encode())
+                return manifest
+        log.error("dataset not restored: no manifest of its runs is known", folder=str(journal.parent))
+        return None
 
     @staticmethod
-    def _read_journal(journal: Path) -> list[FrameResult]:
+    def _read_journal(journal: Journal) -> list[FrameResult]:
         results = []
-        with journal.open("rb") as lines:
-            for number, line in enumerate(lines, 1):
-                try:
-                    results.append(decode_message(line, FrameResult))
-                except ValueError as error:
-                    # Only the last line can be torn (a crash mid-write); anything else is worth a loud warning.
-                    log.warning("journal line skipped", journal=str(journal), line=number, error=str(error))
+        for number, line in journal.lines():
+            try:
+                results.append(decode_message(line, FrameResult))
+            except ValueError as error:
+                # Torn tails are cut when the journal opens; a bad line in the middle is worth a loud warning.
+                log.warning("journal line skipped", journal=str(journal.path), line=number, error=str(error))
         return results
 
     # -- consuming -------------------------------------------------------------------------------------------------
@@ -111,17 +149,16 @@ class Merger:
 
     def handle_result(self, result: FrameResult) -> None:
         manifest = self._manifest(result.run_id)
-        # Count before journalling: a crash in between is healed by the redelivery (journalled then, counted once).
-        self.state.count_frame_result(result)
         with self._lock:
             dataset = self._dataset_for(manifest, result.trial)
             self.run_dataset[(result.run_id, result.trial)] = (dataset.dataset_id, dataset.trial)
-            if result.key in dataset.keys:
-                return  # a redelivery: already journalled and counted
-            with dataset.journal.open("ab") as journal:
-                journal.write(result.encode() + b"\n")
-            self._remember(dataset, result)
-            dataset.pending.append(result)
+            if result.key not in dataset.keys:
+                # Journal first: the analysis skips counted frames, so a frame counted but not journalled is lost.
+                dataset.journal.append(result.encode())
+                self._remember(dataset, result)
+                dataset.pending.append(result)
+        # Counted after it is durable; a redelivery counts again, which the live state ignores (counts once).
+        self.state.count_frame_result(result)
 
     def handle_job_state(self, job: JobState) -> None:
         if job.status is not JobStatus.SUCCEEDED or job.frames_total is None:
@@ -129,8 +166,11 @@ class Merger:
         manifest = self._manifest(job.run_id)
         with self._lock:
             dataset = self._dataset_for(manifest, job.trial)
+            if dataset.runs_done.get(job.run_id) == job.frames_total and job.run_id not in dataset.runs_final:
+                return  # a redelivery of what is already saved
             dataset.runs_done[job.run_id] = job.frames_total
             dataset.runs_final.discard(job.run_id)
+            dataset.save_runs()  # before the ack: a merger killed now still finalises the run when it restarts
 
     def _remember(self, dataset: Dataset, result: FrameResult) -> None:
         dataset.keys.add(result.key)
@@ -141,14 +181,33 @@ class Merger:
         manifest = self._manifests.get(run_id)
         if manifest is None:
             manifest = self.state.run(run_id)
-            if manifest is None:
-                raise MergerError(f"run {run_id} has no manifest in the live state; cannot tell its dataset")
-            if manifest.cell is None or manifest.space_group is None:
-                raise MergerError(f"run {run_id} has no cell and space group; cannot merge it")
+            if manifest is not None:
+                if manifest.cell is None or manifest.space_group is None:
+                    raise MergerError(f"run {run_id} has no cell and space group; cannot merge it")
+                write_atomically(self._manifest_file(run_id), manifest.encode())
+            else:
+                manifest = self._stored_manifest(run_id)
+                if manifest is None:
+                    raise MergerError(f"run {run_id} has no manifest in the live state; cannot tell its dataset")
             self._manifests[run_id] = manifest
         return manifest
 
+    def _manifest_file(self, run_id: str) -> Path:
+        return self.root / "manifests" / f"{escape_word(run_id)}.json"
+
+    def _stored_manifest(self, run_id: str) -> RunManifest | None:
+        """The manifest kept when the run was first merged (Redis may have been emptied since)."""
+        path = self._manifest_file(run_id)
+        try:
+            return decode_message(path.read_bytes(), RunManifest)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            log.error("stored manifest unreadable", path=str(path), error=str(error))
+            return None
+
     def _dataset_for(self, manifest: RunManifest, trial: str) -> Dataset:
+        """The dataset of a run under a trial; made (and its journal replayed) the first time it is asked for."""
         dataset_id = dataset_id_for(manifest)
         dataset = self.datasets.get((dataset_id, trial))
         if dataset is None:
@@ -157,7 +216,7 @@ class Merger:
             folder.mkdir(parents=True, exist_ok=True)
             header = folder / "dataset.json"
             if not header.exists():
-                header.write_bytes(manifest.encode())
+                write_atomically(header, manifest.encode())
             dataset = Dataset(
                 dataset_id=dataset_id,
                 trial=trial,
@@ -165,7 +224,13 @@ class Merger:
                 space_group=manifest.space_group,
                 folder=folder,
                 engine=MergingEngine(manifest.cell, manifest.space_group),
+                journal=Journal(folder / "results.jsonl"),
             )
+            results = self._read_journal(dataset.journal)
+            for result in results:
+                self._remember(dataset, result)
+            dataset.pending.extend(results)
+            dataset.load_runs()
             self.datasets[(dataset_id, trial)] = dataset
         return dataset
 
@@ -176,22 +241,36 @@ class Merger:
         updates: list[MergeUpdate] = []
         with self._lock:
             for dataset in self.datasets.values():
-                if dataset.pending:
-                    dataset.engine.add_frames(dataset.pending)
-                    dataset.pending = []
-                complete = [
-                    run
-                    for run, total in dataset.runs_done.items()
-                    if run not in dataset.runs_final and dataset.frames_by_run.get(run, 0) >= total
-                ]
-                if complete:
-                    updates.append(self._finalise(dataset, complete))
-                elif dataset.changed:
-                    updates.append(dataset.engine.merge_update(dataset.dataset_id, dataset.trial))
-                dataset.changed = False
+                try:
+                    update = self._tick_dataset(dataset)
+                except Exception as error:
+                    # One dataset that cannot be merged or written (a full disk, a bad frame) must not stall the rest.
+                    log.exception(
+                        "dataset tick failed", dataset=dataset.dataset_id, trial=dataset.trial, error=str(error)
+                    )
+                    continue
+                if update is not None:
+                    updates.append(update)
         for update in updates:
             self.state.save_merge(update)
             self.publisher.publish(update)
+
+    def _tick_dataset(self, dataset: Dataset) -> MergeUpdate | None:
+        if dataset.pending:
+            dataset.engine.add_frames(dataset.pending)
+            dataset.pending = []
+        complete = [
+            run
+            for run, total in dataset.runs_done.items()
+            if run not in dataset.runs_final and dataset.frames_by_run.get(run, 0) >= total
+        ]
+        update = None
+        if complete:
+            update = self._finalise(dataset, complete)
+        elif dataset.changed:
+            update = dataset.engine.merge_update(dataset.dataset_id, dataset.trial)
+        dataset.changed = False
+        return update
 
     def _finalise(self, dataset: Dataset, runs: list[str]) -> MergeUpdate:
         """Rebuild the dataset's merge from its journal in a fixed order, fully re-scale, write the MTZ files."""
@@ -203,8 +282,10 @@ class Merger:
         dataset.engine = engine
         merged = dataset.folder / f"{dataset.dataset_id}_{dataset.trial}.mtz"
         unmerged = dataset.folder / f"{dataset.dataset_id}_{dataset.trial}_unmerged.mtz"
-        count = write_merge_outputs(engine, merged, unmerged)
+        with replacing(merged) as merged_temporary, replacing(unmerged) as unmerged_temporary:
+            count = write_merge_outputs(engine, merged_temporary, unmerged_temporary)
         dataset.runs_final.update(runs)
+        dataset.save_runs()
         dataset.mtz_path = merged
         final = all(run in dataset.runs_final for run in dataset.frames_by_run)
         log.info(
