@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import pkgutil
 import sys
 from collections.abc import Sequence
 
 import sfx.commands
 from sfx.errors import CommandError
+
+DISTRIBUTION = "sfx-live"
+
+
+def version_text() -> str:
+    """``sfx-live <version>`` of the installed distribution (what ``pip`` installed, not a copy in the code)."""
+    try:
+        return f"{DISTRIBUTION} {importlib.metadata.version(DISTRIBUTION)}"
+    except importlib.metadata.PackageNotFoundError:
+        return f"{DISTRIBUTION} (not installed: run `pip install -e .`)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sfx",
         description="sfx-live: real-time analysis of serial femtosecond crystallography.",
     )
+    parser.add_argument("--version", action="version", version=version_text())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for module_info in sorted(pkgutil.iter_modules(sfx.commands.__path__), key=lambda m: m.name):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import string
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from libs.contracts.messages import JobState, JobStatus
+from libs.contracts.messages import JobState, JobStatus, MergeUpdate, RunManifest
 from libs.contracts.settings import get_settings
 from libs.runtime.state import LiveState
 from services.dispatcher.scheduling import reservation_from_settings, utilisation
@@ -20,6 +22,7 @@ JOB_SYMBOLS = string.ascii_uppercase + string.ascii_lowercase + string.digits
 def register(subparsers: Any) -> None:
     status = subparsers.add_parser("status", help="runs, trials, jobs, slots and the latest merging statistics")
     status.add_argument("--runs", type=int, default=10, help="show the N most recently updated runs (10)")
+    status.add_argument("--json", action="store_true", help="print the same information as one JSON object")
     status.set_defaults(handler=run_status)
     jobs = subparsers.add_parser("jobs", help="analysis jobs with state, slots and progress")
     jobs.add_argument(
@@ -28,6 +31,7 @@ def register(subparsers: Any) -> None:
         metavar="SECONDS",
         help="also draw which job held which slot over the last SECONDS, and the reservation's utilisation",
     )
+    jobs.add_argument("--json", action="store_true", help="print the same information as one JSON object")
     jobs.set_defaults(handler=run_jobs)
 
 
@@ -128,60 +132,157 @@ def reservation_view(state: LiveState) -> dict[str, Any]:
     return {"reserved_slots": reservation.slots, "burst_slots": reservation.burst_slots}
 
 
-def run_status(arguments: argparse.Namespace) -> int:
-    state = LiveState(get_settings())
+@dataclass
+class TrialCounts:
+    trial: str
+    frames: int
+    hits: int
+    indexed: int
+    failed: int
+
+
+@dataclass
+class RunView:
+    run_id: str
+    manifest: RunManifest | None
+    trials: list[TrialCounts]
+
+
+@dataclass
+class StatusView:
+    """Everything ``sfx status`` shows, read once; the text and the JSON form are both drawn from it."""
+
+    runs: list[RunView]
+    jobs: list[JobState]
+    reserved_slots: int
+    burst_slots: int
+    merges: list[MergeUpdate]
+
+    @property
+    def slots_in_use(self) -> int:
+        return sum(job.slots for job in self.jobs if job.status is JobStatus.RUNNING)
+
+    @property
+    def jobs_queued(self) -> int:
+        return sum(job.status in (JobStatus.QUEUED, JobStatus.PREEMPTED) for job in self.jobs)
+
+
+def read_status(state: LiveState, max_runs: int) -> StatusView:
+    runs = []
+    for run_id in state.runs()[:max_runs]:
+        trials = [
+            TrialCounts(trial=trial, **_counter_fields(state.counters(run_id, trial))) for trial in state.trials(run_id)
+        ]
+        runs.append(RunView(run_id=run_id, manifest=state.run(run_id), trials=trials))
+    view = reservation_view(state)
+    return StatusView(
+        runs=runs,
+        jobs=state.jobs(),
+        reserved_slots=int(view["reserved_slots"]),
+        burst_slots=int(view["burst_slots"]),
+        merges=state.merges(),
+    )
+
+
+def _counter_fields(counters: Mapping[str, int]) -> dict[str, int]:
+    return {name: int(counters.get(name, 0)) for name in ("frames", "hits", "indexed", "failed")}
+
+
+def status_json(view: StatusView) -> dict[str, Any]:
+    """The JSON of ``sfx status --json``: the records the table shows, whole (models as ``model_dump(mode="json")``)."""
+    reserved, in_use = view.reserved_slots, view.slots_in_use
+    return {
+        "runs": [
+            {
+                "run_id": run.run_id,
+                "manifest": run.manifest.model_dump(mode="json") if run.manifest else None,
+                "trials": [asdict(trial) for trial in run.trials],
+            }
+            for run in view.runs
+        ],
+        "slots": {
+            "reserved": reserved,
+            "reserved_in_use": min(in_use, reserved),
+            "burst": view.burst_slots,
+            "burst_in_use": max(0, in_use - reserved),
+            "jobs_queued": view.jobs_queued,
+        },
+        "jobs": [job.model_dump(mode="json") for job in view.jobs],
+        "merges": [update.model_dump(mode="json") for update in view.merges],
+    }
+
+
+def status_text(view: StatusView) -> list[str]:
     header = f"{'run':<24} {'written':>8} {'live':>5} {'trial':<12} {'processed':>9} {'hits':>7} {'indexed':>8}"
-    print(f"{header} {'failed':>6}")
-    for run_id in state.runs()[: arguments.runs]:
-        manifest = state.run(run_id)
+    lines = [f"{header} {'failed':>6}"]
+    for run in view.runs:
+        manifest = run.manifest
         written = str(manifest.frame_count) if manifest and manifest.frame_count is not None else "?"
         live = "yes" if manifest and manifest.live else "no"
-        for trial in state.trials(run_id) or ["-"]:
-            counters = state.counters(run_id, trial)
-            frames, hits = counters["frames"], counters["hits"]
-            print(
-                f"{run_id:<24} {written:>8} {live:>5} {trial:<12} {frames:>9} {percent(hits, frames):>7} "
-                f"{percent(counters['indexed'], hits):>8} {counters['failed']:>6}"
+        for counts in run.trials or [TrialCounts("-", 0, 0, 0, 0)]:
+            lines.append(
+                f"{run.run_id:<24} {written:>8} {live:>5} {counts.trial:<12} {counts.frames:>9} "
+                f"{percent(counts.hits, counts.frames):>7} {percent(counts.indexed, counts.hits):>8} {counts.failed:>6}"
             )
-    print()
-    jobs = state.jobs()
-    view = reservation_view(state)
-    in_use = sum(job.slots for job in jobs if job.status is JobStatus.RUNNING)
-    queued = sum(job.status in (JobStatus.QUEUED, JobStatus.PREEMPTED) for job in jobs)
-    reserved, burst = int(view["reserved_slots"]), int(view["burst_slots"])
-    print(
-        f"slots: {min(in_use, reserved)}/{reserved} reserved and {max(0, in_use - reserved)}/{burst} burst in use; "
-        f"{queued} jobs queued"
+    lines.append("")
+    reserved, in_use = view.reserved_slots, view.slots_in_use
+    lines.append(
+        f"slots: {min(in_use, reserved)}/{reserved} reserved and {max(0, in_use - reserved)}/{view.burst_slots} burst "
+        f"in use; {view.jobs_queued} jobs queued"
     )
-    print("\n".join(jobs_table(jobs)))
-    print()
-    print(f"{'dataset':<48} {'trial':<10} {'frames':>6} {'compl':>6} {'mult':>5} {'CC1/2':>6} {'d_min':>6}  MTZ")
-    for update in state.merges():
+    lines += jobs_table(view.jobs)
+    lines.append("")
+    lines.append(f"{'dataset':<48} {'trial':<10} {'frames':>6} {'compl':>6} {'mult':>5} {'CC1/2':>6} {'d_min':>6}  MTZ")
+    for update in view.merges:
         overall = update.overall
         cc = f"{overall.cc_half:.3f}" if overall and overall.cc_half is not None else "-"
         completeness = f"{100 * overall.completeness:.1f}" if overall else "-"
         multiplicity = f"{overall.multiplicity:.1f}" if overall else "-"
         d_min = f"{update.suggested_resolution:.2f}" if update.suggested_resolution else "-"
-        print(
+        lines.append(
             f"{update.dataset_id[:48]:<48} {update.trial:<10} {update.frames_merged:>6} {completeness:>6} "
             f"{multiplicity:>5} {cc:>6} {d_min:>6}  {update.mtz_path or ''}"
         )
+    return lines
+
+
+def run_status(arguments: argparse.Namespace) -> int:
+    view = read_status(LiveState(get_settings()), arguments.runs)
+    if arguments.json:
+        print(json.dumps(status_json(view), indent=2))
+    else:
+        print("\n".join(status_text(view)))
     return 0
 
 
 def run_jobs(arguments: argparse.Namespace) -> int:
     state = LiveState(get_settings())
-    print("\n".join(jobs_table(state.jobs())))
+    jobs = state.jobs()
+    if arguments.timeline is not None and arguments.timeline <= 0:
+        raise CommandError("--timeline needs a positive number of seconds")
+    document: dict[str, Any] = {"jobs": [job.model_dump(mode="json") for job in jobs]}
+    if not arguments.json:
+        print("\n".join(jobs_table(jobs)))
     if arguments.timeline is not None:
-        if arguments.timeline <= 0:
-            raise CommandError("--timeline needs a positive number of seconds")
         until = time.time()
         since = until - arguments.timeline
         uses = current_uses(state, since, until)
         view = reservation_view(state)
         reserved, burst = int(view["reserved_slots"]), int(view["burst_slots"])
-        print()
-        print("\n".join(slot_timeline(uses, reserved, burst, since, until)))
         spans = [(use["job_id"], len(use["slot_ids"]), use["start"], use["end"]) for use in uses]
-        print(f"\nutilisation of the {reserved} reserved slots: {utilisation(spans, reserved, since, until):.1%}")
+        reserved_utilisation = utilisation(spans, reserved, since, until)
+        document["timeline"] = {
+            "since": since,
+            "until": until,
+            "reserved_slots": reserved,
+            "burst_slots": burst,
+            "slot_uses": uses,
+            "reserved_utilisation": reserved_utilisation,
+        }
+        if not arguments.json:
+            print()
+            print("\n".join(slot_timeline(uses, reserved, burst, since, until)))
+            print(f"\nutilisation of the {reserved} reserved slots: {reserved_utilisation:.1%}")
+    if arguments.json:
+        print(json.dumps(document, indent=2))
     return 0
