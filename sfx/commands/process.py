@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -17,6 +16,7 @@ from libs.science.formats import FormatError, open_run
 from sfx.errors import CommandError
 from sfx.offline_merge import finish, make_engine, merge_results
 from sfx.options import add_merge_arguments, parse_cell, parse_overrides
+from sfx.progress import progress
 
 FRAMES_JSONL = "frames.jsonl"
 CHUNK_FRAMES = 8
@@ -115,23 +115,23 @@ def run(arguments: argparse.Namespace) -> int:
     setup = (list(arguments.files), arguments.geometry, cell, arguments.space_group, overrides)
     lines_by_frame: dict[int, str] = {}
     started = time.perf_counter()
-    if arguments.nproc == 1:
-        _start_worker(*setup)
-        for chunk in chunks:
-            lines_by_frame.update(zip(chunk, _analyse(chunk), strict=True))
-            _progress(len(lines_by_frame), total, started)
-        _Worker.reader.close()
-    else:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(
-            arguments.nproc, mp_context=context, initializer=_start_worker, initargs=setup
-        ) as pool:
-            futures = {pool.submit(_analyse, chunk): chunk for chunk in chunks}
-            for future in as_completed(futures):
-                lines_by_frame.update(zip(futures[future], future.result(), strict=True))
-                _progress(len(lines_by_frame), total, started)
+    with progress(total, "frames analysed") as show_progress:
+        if arguments.nproc == 1:
+            _start_worker(*setup)
+            for chunk in chunks:
+                lines_by_frame.update(zip(chunk, _analyse(chunk), strict=True))
+                show_progress(len(lines_by_frame))
+            _Worker.reader.close()
+        else:
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(
+                arguments.nproc, mp_context=context, initializer=_start_worker, initargs=setup
+            ) as pool:
+                futures = {pool.submit(_analyse, chunk): chunk for chunk in chunks}
+                for future in as_completed(futures):
+                    lines_by_frame.update(zip(futures[future], future.result(), strict=True))
+                    show_progress(len(lines_by_frame))
     elapsed = time.perf_counter() - started
-    print(file=sys.stderr)
     out: Path = arguments.out
     out.mkdir(parents=True, exist_ok=True)
     ordered = [lines_by_frame[index] for index in range(total)]
@@ -142,8 +142,3 @@ def run(arguments: argparse.Namespace) -> int:
     finish(engine, out, counts, dataset_id=arguments.files[0].stem)
     print(f"per-frame results: {out / FRAMES_JSONL}")
     return 0
-
-
-def _progress(done: int, total: int, started: float) -> None:
-    rate = done / max(time.perf_counter() - started, 1e-9)
-    print(f"\r{done}/{total} frames ({rate:.1f}/s)", end="", file=sys.stderr, flush=True)
