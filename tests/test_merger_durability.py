@@ -112,6 +112,7 @@ def test_a_torn_journal_line_is_cut_and_the_next_line_stays_whole(merger_setting
     assert len(Merger(merger_settings).datasets[(dataset_id_for(manifest), "live")].keys) == 3
 
 
+@pytest.mark.slow
 def test_a_merger_killed_after_acking_the_final_state_still_writes_the_mtz(merger_settings: Settings) -> None:
     state = LiveState(merger_settings)
     manifest = announce(state, "r1")
@@ -154,6 +155,7 @@ def test_results_of_a_known_run_are_placed_after_redis_was_emptied(merger_settin
     assert state.frames_seen("r1", "live") == 1  # counted again from here on; the journal holds both
 
 
+@pytest.mark.slow
 def test_one_dataset_that_cannot_be_written_does_not_stall_the_others(merger_settings: Settings) -> None:
     state = LiveState(merger_settings)
     broken = announce(state, "r1", sample="broken")
