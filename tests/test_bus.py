@@ -31,10 +31,12 @@ from libs.contracts.settings import Settings
 from libs.runtime.bus import (
     HEADER_ERROR,
     HEADER_TYPE,
+    STANDARD_MIDDLEWARE,
     BusError,
     Consumer,
     Delivery,
     HandlerCall,
+    Middleware,
     Publisher,
     PublishError,
     Topology,
@@ -44,6 +46,7 @@ from libs.runtime.bus import (
     routing_key_for,
     running,
 )
+from libs.runtime.service import run_service
 from libs.runtime.state import LiveState
 from sfx.cli import main as sfx_main
 from tests.conftest import rabbitmqctl, settings_environment, wait_until
@@ -107,7 +110,7 @@ def one_of_each_type() -> list[Message]:
     ]
 
 
-def capture_deliveries(store: list[tuple[Message, Delivery]]) -> Callable[[HandlerCall], HandlerCall]:
+def capture_deliveries(store: list[tuple[Message, Delivery]]) -> Middleware:
     """Test middleware: remember each message with how it arrived."""
 
     def middleware(call: HandlerCall) -> HandlerCall:
@@ -157,7 +160,7 @@ def test_every_message_type_round_trips_through_the_broker(
         tuple(type(message) for message in sent),
         lambda message: None,
         settings=settings,
-        middleware=[capture_deliveries(received)],
+        middleware=[*STANDARD_MIDDLEWARE, capture_deliveries(received)],
     )
     with running(consumer), Publisher(settings) as publisher:
         for message in sent:
@@ -245,7 +248,7 @@ def test_consumer_killed_before_ack_is_redelivered_and_counted_once(settings: Se
         FrameResult,
         handler,
         settings=settings,
-        middleware=[capture_deliveries(received)],
+        middleware=[*STANDARD_MIDDLEWARE, capture_deliveries(received)],
     )
     with running(survivor):
         wait_until(lambda: len(counted) == 3, 15, "the three frames at the surviving consumer")
@@ -494,3 +497,62 @@ def test_broker_drops_every_connection_mid_stream(vhost_settings: Settings) -> N
     with connect(settings) as connection:
         _, remaining, _ = connection.channel().queue_declare(topology.name("merger.frames"), passive=True)
     assert remaining == 0
+
+
+def test_run_service_wraps_the_handler_of_every_consumer_in_its_middleware(settings: Settings) -> None:
+    """The middleware given to run_service, not what the consumers were built with, wraps each handler."""
+    events: list[tuple[str, str]] = []  # (what happened, message type), in order
+    lock = threading.Lock()
+
+    def recording(call: HandlerCall) -> HandlerCall:
+        def recorded(message: Message, delivery: Delivery) -> None:
+            with lock:
+                events.append(("entered", message.type_name))
+            call(message, delivery)
+            with lock:
+                events.append(("left", message.type_name))
+
+        return recorded
+
+    def handler(message: Message) -> None:
+        with lock:
+            events.append(("handled", message.type_name))
+
+    topology = Topology(settings)
+    consumers = [
+        Consumer(topology.queue("dispatcher.runs"), RunManifest, handler, settings=settings, name="runs"),
+        Consumer(
+            topology.queue("merger.frames"), FrameResult, handler, settings=settings, name="frames", middleware=()
+        ),
+    ]
+    stopping = threading.Event()
+    exit_status: list[int] = []
+    service = threading.Thread(
+        target=lambda: exit_status.append(
+            run_service(
+                "middleware-test",
+                consumers,
+                middleware=[*STANDARD_MIDDLEWARE, recording],
+                settings=settings,
+                stopping=stopping,
+            )
+        )
+    )
+    service.start()
+    try:
+        wait_until(lambda: all(consumer.consuming.is_set() for consumer in consumers), 10, "both consumers")
+        with pytest.raises(BusError, match="already running"):
+            consumers[0].use_middleware([])  # the chain is fixed once a consumer runs
+        with Publisher(settings) as publisher:
+            publisher.publish(RunManifest(run_id="r3", files=["/data/r3.h5"], file_format="nxmx"))
+            publisher.publish(frame_result(0))
+        wait_until(lambda: len(events) == 6, 10, "both messages through the middleware and the handler")
+    finally:
+        stopping.set()
+        service.join(30)
+
+    for type_name in ("run_manifest", "frame_result"):
+        assert [what for what, kind in events if kind == type_name] == ["entered", "handled", "left"]
+    for consumer in consumers:  # the standard pair came with run_service's list too
+        assert consumer.metrics.snapshot()["messages_handled_total"] == 1
+    assert exit_status == [0]

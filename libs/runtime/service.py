@@ -3,6 +3,10 @@
 A service is consumers (bus queues with handlers) plus periodic tasks; :func:`run_service` starts them, beats, and
 stops them in order on SIGTERM or SIGINT (acks of finished work are sent, unfinished deliveries go back to the
 broker), so that a service can be restarted at any moment without losing or double-counting anything.
+
+Cross-cutting behaviour around the handlers is chosen here too: ``run_service(..., middleware=[...])`` gives one
+middleware list to every consumer of the service (default :data:`~libs.runtime.bus.STANDARD_MIDDLEWARE`, logging
+and counters), so a service's ``__main__`` adds, say, an exporter by adding it to that list.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from libs.contracts.settings import Settings, get_settings
-from libs.runtime.bus import Consumer, declare_topology
+from libs.runtime.bus import STANDARD_MIDDLEWARE, Consumer, Middleware, declare_topology
 from libs.runtime.heartbeat import Heartbeat
 from libs.runtime.logging import configure_logging, get_logger
 
@@ -43,13 +47,20 @@ def run_service(
     consumers: Sequence[Consumer] = (),
     tasks: Sequence[PeriodicTask] = (),
     *,
+    middleware: Sequence[Middleware] = STANDARD_MIDDLEWARE,
     settings: Settings | None = None,
     details: Callable[[], dict[str, Any]] | None = None,
     on_stop: Callable[[], None] | None = None,
     stopping: threading.Event | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT (or ``stopping`` is set); returns the exit status."""
+    """Run until SIGTERM/SIGINT (or ``stopping`` is set); returns the exit status.
+
+    Every consumer's handler is wrapped in ``middleware`` (first outermost), replacing what the consumer was built
+    with: the service's assembly point decides, not the module that built the consumer.
+    """
     settings = settings or get_settings()
+    for consumer in consumers:
+        consumer.use_middleware(middleware)
     stopping = stopping or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):

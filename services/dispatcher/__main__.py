@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from libs.runtime.bus import STANDARD_MIDDLEWARE
 from libs.runtime.service import PeriodicTask, run_service, start_logging
 from services.dispatcher.backends import LocalMpiBackend
 from services.dispatcher.service import Dispatcher, make_consumers
@@ -20,6 +21,7 @@ def main() -> int:
         "dispatcher",
         make_consumers(dispatcher, settings),
         [PeriodicTask("poll-backend", 1.0, dispatcher.poll)],
+        middleware=STANDARD_MIDDLEWARE,  # add a middleware here to give it to every consumer of the service
         settings=settings,
         details=dispatcher.details,
         on_stop=dispatcher.stop,

@@ -1,0 +1,114 @@
+"""Cross-cutting behaviour around message handlers: a middleware wraps the call of the handler.
+
+A consumer builds its chain from a list of middleware, the first one outermost: with ``[a, b]`` a delivery runs
+``a(b(handler))``. Which middleware a service's consumers get is chosen where the service is assembled
+(``run_service(..., middleware=...)`` in ``services/<name>/__main__.py``); :data:`STANDARD_MIDDLEWARE` is the default.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import structlog
+
+from libs.contracts.messages import Message
+from libs.runtime.logging import get_logger
+
+log = get_logger("libs.runtime.bus")  # one logger name for the whole bus, as when it was one module
+
+
+class ConsumerMetrics:
+    """Counters of one consumer (Prometheus-style names); thread-safe."""
+
+    NAMES: ClassVar[tuple[str, ...]] = (
+        "messages_handled_total",
+        "messages_failed_total",
+        "messages_invalid_total",
+        "messages_dead_lettered_total",
+        "messages_redelivered_total",
+        "handler_seconds_total",
+    )
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values = dict.fromkeys(self.NAMES, 0.0)
+
+    def add(self, name: str, amount: float = 1.0) -> None:
+        with self._lock:
+            self._values[name] += amount
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._values)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """How a message arrived: handed to middleware next to the decoded message."""
+
+    queue: str
+    exchange: str
+    routing_key: str
+    redelivered: bool
+    delivery_count: int  # earlier deliveries of this message that were not acked (quorum queues' x-delivery-count)
+    headers: Mapping[str, Any]
+    # The counters of the consumer that received the message: one middleware list serves every consumer of a service,
+    # so a counting middleware finds the consumer's own counters here.
+    metrics: ConsumerMetrics
+
+
+HandlerCall = Callable[[Message, Delivery], None]
+Middleware = Callable[[HandlerCall], HandlerCall]
+"""A middleware takes the next call in the chain and returns a call that wraps it."""
+
+
+def logging_middleware(call: HandlerCall) -> HandlerCall:
+    """Bind the queue, message type and message ids to every log line of the handler; log a failure once."""
+
+    def logged(message: Message, delivery: Delivery) -> None:
+        context: dict[str, Any] = {
+            "queue": delivery.queue,
+            "message_type": message.type_name,
+            "delivery_count": delivery.delivery_count,
+        }
+        for attribute in ("run_id", "trial", "frame_index", "job_id", "dataset_id"):
+            if hasattr(message, attribute):
+                context[attribute] = getattr(message, attribute)
+        with structlog.contextvars.bound_contextvars(**context):
+            try:
+                call(message, delivery)
+            except Exception as error:
+                log.warning("handler failed", error=repr(error), traceback=traceback.format_exc(limit=8))
+                raise
+
+    return logged
+
+
+def metrics_middleware(call: HandlerCall) -> HandlerCall:
+    """Count handled, failed and redelivered messages and the time spent in the handler (``delivery.metrics``)."""
+
+    def measured(message: Message, delivery: Delivery) -> None:
+        metrics = delivery.metrics
+        if delivery.redelivered:
+            metrics.add("messages_redelivered_total")
+        started = time.perf_counter()
+        try:
+            call(message, delivery)
+        except Exception:
+            metrics.add("messages_failed_total")
+            raise
+        else:
+            metrics.add("messages_handled_total")
+        finally:
+            metrics.add("handler_seconds_total", time.perf_counter() - started)
+
+    return measured
+
+
+STANDARD_MIDDLEWARE: tuple[Middleware, ...] = (logging_middleware, metrics_middleware)
+"""The middleware of a consumer unless it is given others: the log context outermost, then the counters."""
