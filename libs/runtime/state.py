@@ -120,6 +120,9 @@ class Keys:
     def rejected_files(self) -> str:
         return f"{self.namespace}:ingest:rejected"
 
+    def unpublished_runs(self) -> str:
+        return f"{self.namespace}:ingest:unpublished"
+
     def job_ranks(self, job_id: str) -> str:
         return f"{self.job(job_id)}:ranks"
 
@@ -240,6 +243,23 @@ class LiveState:
 
     def run(self, run_id: str) -> RunManifest | None:
         return self._load(self.keys.run(run_id), RunManifest)
+
+    def save_run_to_publish(self, manifest: RunManifest) -> None:
+        """Save a manifest with an outbox entry, in one transaction; the entry stays until the publish is confirmed."""
+        pipeline = self.redis.pipeline(transaction=True)
+        pipeline.sadd(self.keys.unpublished_runs(), manifest.run_id)
+        pipeline.set(self.keys.run(manifest.run_id), manifest.encode(), ex=self.ttl)
+        pipeline.zadd(self.keys.runs(), {manifest.run_id: time.time()})
+        pipeline.expire(self.keys.runs(), self.ttl)
+        pipeline.execute()
+
+    def unpublished_runs(self) -> list[str]:
+        """Runs whose latest manifest was saved but whose publish was not confirmed (the ingest's outbox)."""
+        members: set[bytes] = self.redis.smembers(self.keys.unpublished_runs())  # type: ignore[assignment]
+        return sorted(member.decode() for member in members)
+
+    def mark_run_published(self, run_id: str) -> None:
+        self.redis.srem(self.keys.unpublished_runs(), run_id)
 
     def save_job(self, job_state: JobState) -> None:
         pipeline = self.redis.pipeline(transaction=True)

@@ -7,6 +7,7 @@ that is not a data file of another master) or a CXI file (``*.cxi``) with a Crys
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -42,14 +43,20 @@ class RunCandidate:
 
 
 def run_id_for(path: Path) -> str:
-    """A run id from a file name: its stem without ``_master``, restricted to safe characters."""
+    """A run id from a file name: its stem without ``_master``, restricted to safe characters.
+
+    A stem that had to be altered gets a suffix from the original stem, so ``run 1.h5`` and ``run?1.h5`` stay two runs.
+    """
     name = path.name
     for suffix in (".nxs", ".h5", ".cxi"):
         if name.endswith(suffix):
             name = name[: -len(suffix)]
             break
     name = name.removesuffix("_master")
-    return SAFE_RUN_ID.sub("_", name).strip("_") or "run"
+    safe = SAFE_RUN_ID.sub("_", name).strip("_.:-") or "run"
+    if safe == name:
+        return safe
+    return f"{safe}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
 
 
 def recognise_runs(paths: Iterable[Path]) -> list[RunCandidate]:

@@ -7,19 +7,29 @@ directories, groups files into runs (services.ingest.discovery) and opens each r
   published again at most every ``manifest_interval`` seconds with the new frame count (revision + 1); when it is
   complete — the file says so, or its files stopped changing for ``ingest_quiet_seconds`` — a last revision with
   ``live = false`` goes out. Redis keeps the latest manifest, so a restarted ingest (or a second sighting) never
-  publishes a finished run again.
+  publishes a finished run again. Save, then publish: the manifest is saved together with an outbox entry, which
+  only a confirmed publish removes; every poll first publishes what the outbox holds, so a crash or a broker outage
+  between the two steps delays a manifest but never loses it.
 - a file that cannot be read once it has stopped changing is rejected: its reason goes to the log, to Redis
   (``<ns>:ingest:rejected``) and out as a FileRejected message; it is set aside (not opened again) until it changes.
 
 Sample information (sample name, cell, space group) comes from ``<run>.sample.json`` or ``sample.json`` in the run's
-directory, else from the settings' defaults.
+directory, else from the settings' defaults. A description that names an unknown space group, a cell that is not
+finite, larger than ``MAX_CELL_EDGE`` or does not fit its space group, rejects the run with the reason; fixing the
+file (or the run's file changing) lets the run in again.
+
+Run ids come from file names (:func:`services.ingest.discovery.run_id_for`). Two runs never share one: a name that
+had to be altered gets a suffix from the original name, and a name already taken by a run in an earlier landing
+directory gets a suffix from its directory; the collision is logged.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +40,13 @@ from libs.contracts.settings import Settings
 from libs.runtime.bus import Publisher
 from libs.runtime.logging import get_logger
 from libs.runtime.state import LiveState
+from libs.science.crystal import check_cell_fits_space_group, space_group
 from libs.science.formats import FormatError, open_run
 from services.ingest.discovery import FileObservation, RunCandidate, StabilityTracker, recognise_runs
 
 log = get_logger(__name__)
+
+MAX_CELL_EDGE = 500.0  # Å: past most SFX targets; a typo (791 for 79.1) would build a Miller grid that fills memory
 
 
 class SampleInfo(BaseModel):
@@ -45,6 +58,22 @@ class SampleInfo(BaseModel):
     experiment: str = ""
     cell: CellParameters | None = None
     space_group: str | None = None
+
+
+def check_sample(info: SampleInfo) -> None:
+    """Raise ValueError naming what is wrong with a sample description the analysis could not use."""
+    if info.cell is not None:
+        if not all(math.isfinite(value) for value in info.cell):
+            raise ValueError(f"cell {info.cell} has a value that is not a finite number")
+        validate_cell(info.cell)
+        if max(info.cell[:3]) > MAX_CELL_EDGE:
+            raise ValueError(f"cell edge {max(info.cell[:3])} Å exceeds {MAX_CELL_EDGE:.0f} Å (a typo?)")
+    if info.space_group is not None:
+        group = space_group(info.space_group)  # SymmetryError (a ValueError) names an unknown symbol
+        if info.cell is not None:
+            check_cell_fits_space_group(info.cell, group)
+    if (info.cell is None) != (info.space_group is None):
+        raise ValueError("give both the cell and the space group, or neither")
 
 
 @dataclass
@@ -68,7 +97,8 @@ class Ingest:
         self.manifest_interval = manifest_interval
         self.tracks: dict[str, RunTrack] = {}
         self.finished: set[str] = set()
-        self.rejected: dict[Path, tuple[int, float]] = {}
+        self.rejected: dict[Path, tuple[object, ...]] = {}
+        self.collisions: set[Path] = set()
         self._publisher: Publisher | None = None
 
     @property
@@ -80,19 +110,26 @@ class Ingest:
     # -- one poll --------------------------------------------------------------------------------------------------
 
     def scan(self) -> None:
+        self.publish_outbox()
         now = time.time()
         observations: dict[Path, FileObservation] = {}
+        candidates: list[RunCandidate] = []
+        directory_of_run: dict[str, Path] = {}
         for directory in self.landing_dirs:
             try:
                 entries = list(os.scandir(directory))
             except FileNotFoundError:
                 log.warning("landing directory does not exist", directory=str(directory))
                 continue
+            found: dict[Path, FileObservation] = {}
             for entry in entries:
                 if entry.is_file():
                     info = entry.stat()
-                    observations[Path(entry.path)] = FileObservation(Path(entry.path), info.st_size, info.st_mtime)
-        for candidate in recognise_runs(observations):
+                    found[Path(entry.path)] = FileObservation(Path(entry.path), info.st_size, info.st_mtime)
+            observations.update(found)
+            for candidate in recognise_runs(found):
+                candidates.append(self._unique(candidate, directory, directory_of_run))
+        for candidate in candidates:
             if candidate.run_id in self.finished:
                 continue
             try:
@@ -100,6 +137,34 @@ class Ingest:
             except (OSError, RuntimeError, ValueError) as error:
                 # One unreadable run must never stop the others from being seen.
                 log.error("run could not be examined", run_id=candidate.run_id, error=repr(error)[:500])
+
+    def _unique(self, candidate: RunCandidate, directory: Path, directory_of_run: dict[str, Path]) -> RunCandidate:
+        """The candidate with a run id no run of an earlier landing directory holds (order of SFX_LANDING_DIRS)."""
+        owner = directory_of_run.setdefault(candidate.run_id, directory)
+        if owner == directory:
+            return candidate
+        suffix = hashlib.sha1(str(directory).encode()).hexdigest()[:6]
+        unique = replace(candidate, run_id=f"{candidate.run_id}-{suffix}")
+        if candidate.main_file not in self.collisions:
+            self.collisions.add(candidate.main_file)
+            log.warning(
+                "run id collision: the run is renamed",
+                run_id=candidate.run_id,
+                taken_by=str(owner),
+                path=str(candidate.main_file),
+                renamed_to=unique.run_id,
+            )
+        directory_of_run[unique.run_id] = directory
+        return unique
+
+    def publish_outbox(self) -> None:
+        """Publish every manifest that was saved but whose publish was not confirmed (a crash or broker outage)."""
+        for run_id in self.state.unpublished_runs():
+            manifest = self.state.run(run_id)
+            if manifest is not None:
+                self.publisher.publish(manifest)
+                log.info("run manifest published from the outbox", run_id=run_id, revision=manifest.revision)
+            self.state.mark_run_published(run_id)
 
     def _consider(self, candidate: RunCandidate, observations: dict[Path, FileObservation], now: float) -> None:
         files = [f for f in candidate.all_files if f in observations]
@@ -147,10 +212,14 @@ class Ingest:
             live=not complete,
             revision=0 if known is None else known.manifest.revision + 1,
         )
-        # Save before publishing: a consumer that looks the run up in Redis must find this revision.
-        self.state.save_run(manifest)
-        self.publisher.publish(manifest)
+        # Save before publishing (a consumer that looks the run up in Redis must find this revision), with an outbox
+        # entry that only the confirmed publish removes.
+        self.state.save_run_to_publish(manifest)
         self.tracks[candidate.run_id] = RunTrack(manifest, now)
+        if complete:
+            self.finished.add(candidate.run_id)
+        self.publisher.publish(manifest)
+        self.state.mark_run_published(manifest.run_id)
         log.info(
             "run manifest published",
             run_id=manifest.run_id,
@@ -158,16 +227,18 @@ class Ingest:
             live=manifest.live,
             revision=manifest.revision,
         )
-        if complete:
-            self.finished.add(candidate.run_id)
+
+    @staticmethod
+    def _sample_files(candidate: RunCandidate) -> tuple[Path, Path]:
+        folder = candidate.main_file.parent
+        return folder / f"{candidate.run_id}.sample.json", folder / "sample.json"
 
     def _sample_info(self, candidate: RunCandidate) -> SampleInfo:
-        folder = candidate.main_file.parent
-        for path in (folder / f"{candidate.run_id}.sample.json", folder / "sample.json"):
+        for path in self._sample_files(candidate):
             if path.exists():
                 try:
                     info = SampleInfo.model_validate_json(path.read_bytes())
-                    validate_cell(info.cell)
+                    check_sample(info)
                 except (ValidationError, ValueError) as error:
                     raise ValueError(f"{path}: invalid sample description: {error}") from error
                 return info
@@ -179,20 +250,30 @@ class Ingest:
 
     # -- bad files -------------------------------------------------------------------------------------------------
 
+    def _signature(self, candidate: RunCandidate, observations: dict[Path, FileObservation]) -> tuple[object, ...]:
+        """What must change for a rejected run to be looked at again: its main file or its sample descriptions."""
+        current = observations[candidate.main_file]
+        samples: list[tuple[int, int] | None] = []
+        for path in self._sample_files(candidate):
+            try:
+                info = path.stat()
+                samples.append((info.st_size, info.st_mtime_ns))
+            except FileNotFoundError:
+                samples.append(None)
+        return (current.size, current.mtime, *samples)
+
     def _set_aside(self, candidate: RunCandidate, observations: dict[Path, FileObservation]) -> bool:
-        """True while the run's main file is rejected and unchanged since."""
+        """True while the run is rejected and neither its main file nor its sample description changed since."""
         signature = self.rejected.get(candidate.main_file)
         if signature is None:
             return False
-        current = observations[candidate.main_file]
-        if signature == (current.size, current.mtime):
+        if signature == self._signature(candidate, observations):
             return True
         del self.rejected[candidate.main_file]
         return False
 
     def _reject(self, candidate: RunCandidate, reason: str, observations: dict[Path, FileObservation]) -> None:
-        current = observations[candidate.main_file]
-        self.rejected[candidate.main_file] = (current.size, current.mtime)
+        self.rejected[candidate.main_file] = self._signature(candidate, observations)
         event = FileRejected(run_id=candidate.run_id, path=str(candidate.main_file), reason=reason)
         log.error("file rejected", run_id=candidate.run_id, path=str(candidate.main_file), reason=reason)
         self.state.save_rejection(event)
