@@ -15,35 +15,22 @@ import time
 import uuid
 from typing import Any
 
-import numpy as np
-
-from libs.contracts.messages import FrameResult, ReflectionTable
+from libs.contracts.messages import FrameResult
 from libs.contracts.settings import Settings, get_settings
 from libs.runtime.bus import Consumer, Publisher, Topology, connect, running
+from libs.simulator.results import make_frame_result, random_reflections
 
 
 def frame_result(frame_index: int, reflections: int) -> FrameResult:
-    rng = np.random.default_rng(frame_index)
-    table = (
-        ReflectionTable.from_columns(
-            miller=rng.integers(-60, 60, size=(reflections, 3)),
-            intensity=rng.gamma(1.0, 200.0, size=reflections),
-            sigma=rng.uniform(5, 30, size=reflections),
-            partiality=rng.uniform(0, 1, size=reflections),
-        )
-        if reflections
-        else None
-    )
-    return FrameResult(
-        run_id="r0001",
-        trial="live",
-        frame_index=frame_index,
+    """A hit; indexed, with ``reflections`` integrated, unless ``reflections`` is 0."""
+    table = random_reflections(reflections, seed=frame_index) if reflections else None
+    return make_frame_result(
+        frame_index,
         started_at=1000.0,
         finished_at=1000.2,
         rank=3,
         spot_count=120,
         hit=True,
-        indexed=table is not None,
         A=((0.0126, 0.0003, -0.0001), (-0.0002, 0.0127, 0.0004), (0.0001, -0.0005, 0.0262)) if table else None,
         cell=(79.1, 79.1, 38.0, 90.0, 90.0, 90.0) if table else None,
         timings={"spotfind": 0.05, "index": 0.1, "integrate": 0.04},

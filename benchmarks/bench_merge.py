@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from libs.contracts.messages import FrameResult, ReflectionTable
-from libs.science.crystal import b_matrix, reciprocal_space_operators
+from libs.science.crystal import reciprocal_space_operators
+from libs.simulator.results import make_frame_result
 from services.merger.engine import MergingEngine, MergingParameters
 
 CELL = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)
@@ -28,7 +29,6 @@ def frame_batches(
     mapper = engine.mapper
     truth = 300.0 * rng.exponential(1.0, mapper.size) * np.exp(-10.0 * mapper.inv_d2)
     operators = reciprocal_space_operators(engine.space_group)
-    A = tuple(tuple(float(v) for v in row) for row in b_matrix(CELL))
     for start in range(0, n_frames, BATCH):
         batch = []
         for index in range(start, min(start + BATCH, n_frames)):
@@ -43,20 +43,7 @@ def frame_batches(
             sigma = np.sqrt(expected + 20.0)
             intensity = expected + rng.normal(size=per_frame) * sigma
             table = ReflectionTable.from_columns(miller, intensity, sigma, partiality)
-            batch.append(
-                FrameResult(
-                    run_id=run_id,
-                    trial="bench",
-                    frame_index=index,
-                    started_at=0.0,
-                    finished_at=0.0,
-                    hit=True,
-                    indexed=True,
-                    A=A,
-                    cell=CELL,
-                    reflections=table,
-                )
-            )
+            batch.append(make_frame_result(index, run_id=run_id, trial="bench", cell=CELL, reflections=table))
         yield batch
 
 

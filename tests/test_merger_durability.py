@@ -17,7 +17,7 @@ from libs.contracts.settings import Settings
 from libs.runtime.durable import Journal
 from libs.runtime.state import LiveState
 from services.merger.service import Merger
-from tests.merging_data import synthetic_run
+from tests.support.merging_data import synthetic_run
 
 CELL = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)
 FRAMES = 12

@@ -20,7 +20,7 @@ from services.merger.error_model import fit_error_model
 from services.merger.french_wilson import french_wilson
 from services.merger.statistics import format_table
 from sfx.cli import main
-from tests.merging_data import frame_result, simulated_results, synthetic_run
+from tests.support.merging_data import frame_result, simulated_results, synthetic_run
 
 TETRAGONAL = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)
 

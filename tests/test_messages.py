@@ -11,32 +11,18 @@ from libs.contracts.arrays import pack_array, unpack_array
 from libs.contracts.messages import (
     FrameResult,
     MessageError,
-    ReflectionTable,
     RunManifest,
     decode_message,
 )
-
-
-def make_reflections(n: int, seed: int = 0) -> ReflectionTable:
-    rng = np.random.default_rng(seed)
-    return ReflectionTable.from_columns(
-        miller=rng.integers(-60, 60, size=(n, 3)),
-        intensity=rng.gamma(1.0, 200.0, size=n),
-        sigma=rng.uniform(5, 30, size=n),
-        partiality=rng.uniform(0, 1, size=n),
-    )
+from libs.simulator.results import make_frame_result, random_reflections
 
 
 def test_frame_result_round_trips_with_exact_arrays() -> None:
-    table = make_reflections(500)
-    result = FrameResult(
-        run_id="r0001",
-        trial="live",
-        frame_index=7,
+    table = random_reflections(500, seed=0)
+    result = make_frame_result(
+        7,
         started_at=1.0,
         finished_at=2.0,
-        indexed=True,
-        hit=True,
         A=((0.01, 0, 0), (0, 0.01, 0), (0, 0, 0.02)),
         cell=(79.1, 79.1, 38.0, 90, 90, 90),
         reflections=table,

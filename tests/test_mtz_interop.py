@@ -20,7 +20,7 @@ from libs.simulator import Experiment, SimulationConfig
 from services.merger.engine import MergingEngine, MergingParameters
 from services.merger.mtz import write_merge_outputs
 from services.merger.statistics import ReflectionSums, merging_statistics
-from tests.merging_data import simulated_results
+from tests.support.merging_data import simulated_results
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 

@@ -14,20 +14,14 @@ from libs.contracts.settings import Settings
 from libs.runtime.bus import Consumer, Topology, running
 from libs.runtime.heartbeat import Heartbeat
 from libs.runtime.state import Keys, LiveState
+from libs.simulator.results import make_frame_result
 from sfx.cli import main as sfx_main
-from tests.conftest import wait_until
+from tests.support.waiting import wait_for as wait_until
 
 
 def result(frame_index: int, *, hit: bool = True, error: str | None = None) -> FrameResult:
-    return FrameResult(
-        run_id="r:1",  # a colon inside an id must not be taken for a key separator
-        trial="live",
-        frame_index=frame_index,
-        started_at=0.0,
-        finished_at=1.0,
-        hit=hit,
-        error=error,
-    )
+    # A colon inside an id must not be taken for a key separator.
+    return make_frame_result(frame_index, run_id="r:1", finished_at=1.0, hit=hit, error=error)
 
 
 def test_keys_are_namespaced_and_escape_separators() -> None:

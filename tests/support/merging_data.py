@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from libs.contracts.messages import FrameResult, ReflectionTable
-from libs.science.crystal import b_matrix, reciprocal_space_operators, space_group
+from libs.science.crystal import reciprocal_space_operators, space_group
 from libs.simulator import Experiment, FrameTruth
+from libs.simulator.results import make_frame_result
 from services.merger.ambiguity import reindexing_modes
 from services.merger.asu import AsuMapper
 
@@ -31,19 +32,8 @@ class SyntheticRun:
 def frame_result(
     index: int, cell: Sequence[float], table: ReflectionTable | None, run_id: str = "synthetic"
 ) -> FrameResult:
-    A = b_matrix(cell)
-    return FrameResult(
-        run_id=run_id,
-        trial="t1",
-        frame_index=index,
-        started_at=0.0,
-        finished_at=0.0,
-        hit=True,
-        indexed=True,
-        A=tuple(tuple(float(v) for v in row) for row in A),
-        cell=tuple(float(v) for v in cell),
-        reflections=table,
-    )
+    """A frame of trial t1 indexed in the reference orientation of ``cell`` (A = B)."""
+    return make_frame_result(index, run_id=run_id, trial="t1", cell=cell, reflections=table)
 
 
 def synthetic_run(
@@ -104,24 +94,13 @@ def simulated_results(
         truth, table = batch.frame(j)
         truths.append(truth)
         if table is None or truth.cell is None or truth.indexed_A is None:
-            results.append(FrameResult(run_id=run_id, trial="t1", frame_index=index, started_at=0.0, finished_at=0.0))
+            results.append(make_frame_result(index, run_id=run_id, trial="t1"))
             continue
         if true_setting:
             back = np.round(np.linalg.inv(truth.indexing_operator)).astype(np.int64)
             miller = np.asarray(table.miller, dtype=np.int64) @ back.T
             table = ReflectionTable.from_columns(miller, table.intensity, table.sigma, table.partiality)
         results.append(
-            FrameResult(
-                run_id=run_id,
-                trial="t1",
-                frame_index=index,
-                started_at=0.0,
-                finished_at=0.0,
-                hit=True,
-                indexed=True,
-                A=tuple(tuple(float(v) for v in row) for row in truth.indexed_A),
-                cell=tuple(float(v) for v in truth.cell),
-                reflections=table,
-            )
+            make_frame_result(index, run_id=run_id, trial="t1", cell=truth.cell, A=truth.indexed_A, reflections=table)
         )
     return results, truths
