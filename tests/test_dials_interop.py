@@ -20,7 +20,7 @@ import pytest
 
 from libs.science.formats import open_run, open_run_writer
 from libs.science.geometry import Beam, Detector, jungfrau4m_detector, single_panel_detector
-from tests.test_formats import synthetic_frames, write_foreign_nxmx
+from tests.support.frames import synthetic_frames, write_foreign_nxmx
 
 DEBIAN_PYTHON = "/usr/bin/python3"
 PIXEL_PROBES = [(0, 0), (7, 11), (31, 63)]  # (slow, fast) positions whose values are compared
