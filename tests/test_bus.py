@@ -295,9 +295,10 @@ def test_malformed_messages_are_dead_lettered_and_good_ones_still_handled(settin
 def test_failing_handler_is_retried_then_dead_lettered_with_its_error(
     settings: Settings, scratch_queues: list[kombu.Queue]
 ) -> None:
-    settings = settings.model_copy(update={"delivery_limit": 2})
-    limited = Topology(settings).work_queue("limited", "runs", ["manifest.#"])
-    scratch_queues.append(limited)
+    settings = settings.model_copy(update={"delivery_limit": 2, "retry_delay_seconds": 0.05})
+    topology = Topology(settings)
+    limited = topology.work_queue("limited", "runs", ["manifest.#"])
+    scratch_queues.extend([limited, *topology.retry_queues()])
     attempts: list[int] = []
 
     def always_fails(manifest: RunManifest) -> None:
@@ -309,16 +310,44 @@ def test_failing_handler_is_retried_then_dead_lettered_with_its_error(
         publisher.publish(RunManifest(run_id="r9", files=["/data/missing.h5"], file_format="nxmx"))
         wait_until(lambda: consumer.metrics.snapshot()["messages_dead_lettered_total"] == 1, 10, "a dead letter")
     assert len(attempts) == 3  # first delivery plus delivery_limit redeliveries, then it stops
+    assert consumer.metrics.snapshot()["messages_retried_total"] == 2
     (letter,) = dead_letters(settings)
     assert "handler failed on all 3 deliveries" in letter.headers[HEADER_ERROR]
     assert "/data/missing.h5" in letter.headers[HEADER_ERROR]
 
 
+def test_a_failed_message_waits_growing_delays_and_outlives_a_short_outage(
+    settings: Settings, scratch_queues: list[kombu.Queue]
+) -> None:
+    """A handler that fails for about a second (Redis paused, a disk full) must not burn the deliveries at once."""
+    settings = settings.model_copy(update={"retry_delay_seconds": 0.2})  # delays 0.2, 0.8, 3.2 s, …
+    topology = Topology(settings)
+    queue = topology.work_queue("outage", "runs", ["manifest.#"])
+    scratch_queues.extend([queue, *topology.retry_queues()])
+    outage_ends = time.monotonic() + 0.9
+    deliveries: list[float] = []
+
+    def fails_during_the_outage(manifest: RunManifest) -> None:
+        deliveries.append(time.monotonic())
+        if deliveries[-1] < outage_ends:
+            raise ConnectionError("Redis is paused")
+
+    consumer = Consumer(queue, RunManifest, fails_during_the_outage, settings=settings)
+    with running(consumer), Publisher(settings) as publisher:
+        publisher.publish(RunManifest(run_id="r7", files=["/data/r7.h5"], file_format="nxmx"))
+        wait_until(lambda: consumer.metrics.snapshot()["messages_handled_total"] >= 1, 15, "the handled message")
+    gaps = np.diff(deliveries)
+    assert len(deliveries) == 3, deliveries  # failed, failed, handled: the outage was outlived
+    assert gaps[0] >= 0.2 and gaps[1] >= 0.8 and gaps[1] > 2 * gaps[0], gaps
+    assert consumer.metrics.snapshot()["messages_dead_lettered_total"] == 0
+    assert dead_letters(settings) == []
+
+
 def test_dlq_list_replay_and_purge(cli_environment: Settings, scratch_queues: list[kombu.Queue], capsys: Any) -> None:
-    settings = cli_environment.model_copy(update={"delivery_limit": 1})
+    settings = cli_environment.model_copy(update={"delivery_limit": 1, "retry_delay_seconds": 0.05})
     topology = Topology(settings)
     replayable = topology.work_queue("replayable", "runs", ["manifest.#"])
-    scratch_queues.append(replayable)
+    scratch_queues.extend([replayable, *topology.retry_queues()])
     broken = threading.Event()
     broken.set()
     handled: list[str] = []
@@ -336,7 +365,8 @@ def test_dlq_list_replay_and_purge(cli_environment: Settings, scratch_queues: li
         capsys.readouterr()
         assert sfx_main(["dlq", "list"]) == 0
         listing = capsys.readouterr().out
-        assert "database down" in listing and "not JSON" in listing and listing.count("replayable") == 2
+        assert "database down" in listing and "not JSON" in listing
+        assert listing.count(f"queue={replayable.name} ") == 2
         broken.clear()  # the operator fixed the cause; replay puts the messages back on their queue
         assert sfx_main(["dlq", "replay"]) == 0
         wait_until(lambda: handled == ["r5"], 10, "the replayed message to be handled")

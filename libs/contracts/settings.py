@@ -25,6 +25,12 @@ class Settings(BaseSettings):
     delivery_limit: int = Field(
         5, ge=1, le=100, description="Deliveries before a message that keeps failing is dead-lettered"
     )
+    retry_delay_seconds: float = Field(
+        1.0,
+        gt=0,
+        le=300,
+        description="Wait before a failed message is delivered again; each further retry waits 4× longer (≤ 300 s)",
+    )
     heartbeat_seconds: float = Field(5.0, gt=0, description="Period of service status broadcasts")
     state_ttl_seconds: int = Field(
         7 * 24 * 3600, ge=60, description="How long the live state of a run is kept in Redis"
@@ -37,6 +43,9 @@ class Settings(BaseSettings):
     burst_slots: int = Field(
         0, ge=0, le=100_000, description="Slots live runs may use beyond the reservation (realtime QOS cap)"
     )
+    # Any name here; the dispatcher, its only reader, checks it against its registry of backends at start
+    # (services.dispatcher.backends.make_backend): libs may not import services, and a list kept here too would drift.
+    backend: str = Field("local", description="Where the dispatcher runs analysis jobs: local (mpiexec on this host)")
     job_min_ranks: int = Field(1, ge=1, le=100_000, description="Fewest ranks a job is started with")
     job_max_ranks: int | None = Field(
         None, ge=1, le=100_000, description="Most ranks one job gets (default: all reserved slots)"

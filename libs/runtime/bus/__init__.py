@@ -20,7 +20,11 @@ Topology, for a namespace ``ns`` (``settings.namespace``, default ``sfx``):
 - durable quorum queues (see ``SERVICE_QUEUES``) with ``x-delivery-limit`` = ``settings.delivery_limit`` and
   ``x-dead-letter-exchange`` = ``ns.dlx``: the broker counts returns of a message (``x-delivery-count``) and
   dead-letters it when it is returned once more after ``delivery_limit`` redeliveries (RabbitMQ 3.10: at most
-  ``delivery_limit + 1`` deliveries), so a poison message cannot loop forever.
+  ``delivery_limit + 1`` deliveries), so a message that kills its consumer cannot loop forever;
+- retry waiting rooms: for each of the ``delivery_limit`` retries a fanout exchange and quorum queue
+  ``ns.retry.<delay>ms`` whose ``x-message-ttl`` is the n-th delay (``settings.retry_delay_seconds`` × 4ⁿ, at most
+  300 s) and whose dead-letter exchange is the default one: an expired message goes back to the queue named by its
+  routing key.
 
 Routing keys (every part escaped with :func:`escape_word`, so a ``.`` inside an id cannot split a word):
 
@@ -47,10 +51,12 @@ therefore arrive twice (at-least-once); every consumer must be idempotent (``lib
 
 Consuming: :class:`Consumer` validates each delivery with :func:`libs.contracts.messages.decode_message` and runs the
 handler in a worker thread while the connection's thread keeps reading the socket and sending AMQP heartbeats, so heavy
-numpy work never starves the heartbeats. It acks only after the handler returned; a handler exception requeues the
-message (the broker counts deliveries in ``x-delivery-count``; on the last allowed delivery the consumer dead-letters
-it itself with the error); a message that fails validation is published to the dead-letter exchange with the reason in
-the ``x-sfx-error`` header and acked: it never crashes the consumer and never blocks the queue. When the broker drops
+numpy work never starves the heartbeats. It acks only after the handler returned. A handler exception parks the
+message in the retry queue of its attempt (header ``x-sfx-retries`` counts them) and acks it; the broker returns it
+after the delay, so a failure of seconds (Redis paused, a full disk) is outlived, and after ``delivery_limit`` retries
+the consumer dead-letters it with the error. A message that fails validation is published to the dead-letter
+exchange with the reason in the ``x-sfx-error`` header on its first delivery and acked: it never crashes the
+consumer, never blocks the queue and is never retried. When the broker drops
 the connection the consumer reconnects with backoff; unacked messages are redelivered by the broker.
 
 Middleware: cross-cutting behaviour (log context, counters; later exporters and health checks) wraps the handler call

@@ -29,6 +29,7 @@ from libs.runtime.bus.topology import (
     HEADER_ORIGINAL_EXCHANGE,
     HEADER_ORIGINAL_QUEUE,
     HEADER_ORIGINAL_ROUTING_KEY,
+    HEADER_RETRIES,
     Topology,
     connect,
 )
@@ -43,6 +44,12 @@ def body_bytes(raw: Any) -> bytes:
     if isinstance(body, bytes | bytearray | memoryview):
         return bytes(body)
     return str(body).encode(getattr(raw, "content_encoding", None) or "utf-8")
+
+
+def _header_count(headers: dict[str, Any], name: str) -> int:
+    """A non-negative count from a message header; anything else (a forged value) counts as 0."""
+    value = headers.get(name, 0)
+    return value if isinstance(value, int) and value >= 0 else 0
 
 
 class Outcome(Enum):
@@ -181,8 +188,10 @@ class Consumer:
             bound_queue = self.queue.bind(channel)
             try:
                 bound_queue.declare()
+                for retry_queue in self.topology.retry_queues():  # where its failed messages wait (idempotent)
+                    retry_queue.bind(channel).declare()
             except connection.channel_errors as error:
-                raise BusError(f"cannot declare queue {self.queue.name}: {error}") from error
+                raise BusError(f"cannot declare queue {self.queue.name} or its retry queues: {error}") from error
             self._generation += 1
             generation = self._generation
             consumer = kombu.Consumer(
@@ -297,12 +306,13 @@ class Consumer:
     def _process(self, raw: Any) -> Outcome:
         headers = dict(raw.headers or {})
         info = raw.delivery_info
+        retries = _header_count(headers, HEADER_RETRIES)
         delivery = Delivery(
             queue=self.queue.name,
             exchange=str(info.get("exchange", "")),
             routing_key=str(info.get("routing_key", "")),
-            redelivered=bool(info.get("redelivered", False)),
-            delivery_count=int(headers.get("x-delivery-count", 0) or 0),
+            redelivered=bool(info.get("redelivered", False)) or retries > 0,
+            delivery_count=_header_count(headers, "x-delivery-count") + retries,
             headers=headers,
             metrics=self.metrics,
         )
@@ -318,13 +328,46 @@ class Consumer:
         try:
             self._chain(message, delivery)
         except Exception as error:
-            if delivery.delivery_count >= self.settings.delivery_limit:
-                # The broker allows delivery_limit redeliveries and dead-letters on the next return, without saying
-                # why; on this last delivery the consumer dead-letters it itself, with the reason.
-                reason = f"handler failed on all {delivery.delivery_count + 1} deliveries; last error: {error!r}"
+            if retries >= self.settings.delivery_limit:
+                reason = f"handler failed on all {retries + 1} deliveries; last error: {error!r}"
                 return self._dead_letter(raw, delivery, reason)
-            return Outcome.REQUEUE
+            return self._retry_later(raw, delivery, retries, error)
         return Outcome.ACK
+
+    def _retry_later(self, raw: Any, delivery: Delivery, retries: int, error: Exception) -> Outcome:
+        """Park a failed message in the retry queue of its attempt; the broker puts it back here when its wait ends.
+
+        A failure that lasts seconds (Redis paused, a full disk) is then outlived instead of burning every delivery
+        within milliseconds. Published first, acked after: a crash in between delivers it twice (consumers are
+        idempotent), never zero times.
+        """
+        delay = self.topology.retry_delays()[retries]
+        headers = {**delivery.headers, HEADER_RETRIES: retries + 1}
+        headers.pop("x-delivery-count", None)
+        try:
+            self._side_publisher().publish_raw(
+                body_bytes(raw), self.topology.retry_exchange(retries).name, self.queue.name, headers
+            )
+        except PublishError as publish_error:
+            log.error("could not park a failed message; requeueing it", queue=self.queue.name, error=str(publish_error))
+            return Outcome.REQUEUE
+        self.metrics.add("messages_retried_total")
+        log.warning(
+            "handler failed; message retried later",
+            consumer=self.name,
+            queue=self.queue.name,
+            retry=retries + 1,
+            of=self.settings.delivery_limit,
+            in_seconds=delay,
+            error=repr(error)[:500],
+        )
+        return Outcome.ACK
+
+    def _side_publisher(self) -> Publisher:
+        """The publisher for dead letters and retries (its own connection, made on first use)."""
+        if self._dead_letter_publisher is None:
+            self._dead_letter_publisher = Publisher(self.settings, role=f"retries {self.name}", retry_seconds=10)
+        return self._dead_letter_publisher
 
     def _dead_letter(self, raw: Any, delivery: Delivery, reason: str) -> Outcome:
         headers = {
@@ -336,10 +379,9 @@ class Consumer:
             HEADER_DEAD_LETTERED_AT: time.time(),
         }
         headers.pop("x-delivery-count", None)
-        if self._dead_letter_publisher is None:
-            self._dead_letter_publisher = Publisher(self.settings, role=f"dead-letters {self.name}", retry_seconds=10)
+        headers.pop(HEADER_RETRIES, None)  # a replayed dead letter starts its retries afresh
         try:
-            self._dead_letter_publisher.publish_raw(
+            self._side_publisher().publish_raw(
                 body_bytes(raw), self.topology.dead_letter_exchange.name, delivery.routing_key, headers
             )
         except PublishError as error:

@@ -31,6 +31,7 @@ class ConsumerMetrics:
         "messages_invalid_total",
         "messages_dead_lettered_total",
         "messages_redelivered_total",
+        "messages_retried_total",
         "handler_seconds_total",
     )
 

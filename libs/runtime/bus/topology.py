@@ -61,6 +61,10 @@ HEADER_ORIGINAL_ROUTING_KEY = "x-sfx-original-routing-key"
 HEADER_ORIGINAL_QUEUE = "x-sfx-original-queue"
 HEADER_DEAD_LETTERED_AT = "x-sfx-dead-lettered-at"
 HEADER_REPLAYED = "x-sfx-replayed"
+HEADER_RETRIES = "x-sfx-retries"
+
+RETRY_GROWTH = 4.0
+MAX_RETRY_DELAY_SECONDS = 300.0
 
 _MAX_ROUTING_KEY_BYTES = 255
 
@@ -192,6 +196,35 @@ class Topology:
         """The broker name of an exchange or queue: ``<namespace>.<logical>``."""
         return f"{self.namespace}.{logical}"
 
+    def retry_delays(self) -> list[float]:
+        """Seconds a message waits before its n-th redelivery after a handler failure (n = 1 … delivery_limit)."""
+        first = self.settings.retry_delay_seconds
+        return [
+            min(first * RETRY_GROWTH**level, MAX_RETRY_DELAY_SECONDS) for level in range(self.settings.delivery_limit)
+        ]
+
+    def retry_exchange(self, level: int) -> kombu.Exchange:
+        """Where a message waits out its ``level``-th retry delay (0-based); it is published with its queue's name as
+        routing key. Named by the delay, so deployments and tests with other delays never clash."""
+        milliseconds = max(1, round(self.retry_delays()[level] * 1000))
+        return kombu.Exchange(self.name(f"retry.{milliseconds}ms"), type="fanout", durable=True)
+
+    def retry_queues(self) -> list[kombu.Queue]:
+        """One waiting queue per retry delay: no consumer; when a message's time is up the broker dead-letters it
+        to the default exchange with its routing key, the name of the queue it failed in, which puts it back there.
+        (One queue per delay, because a broker expires only the message at the head of a queue.)"""
+        queues = []
+        for level in range(len(self.retry_delays())):
+            exchange = self.retry_exchange(level)
+            ttl = int(exchange.name.rsplit(".", 1)[1].removesuffix("ms"))
+            arguments = {"x-queue-type": "quorum", "x-message-ttl": ttl, "x-dead-letter-exchange": ""}
+            queues.append(
+                kombu.Queue(
+                    exchange.name, exchange=exchange, durable=True, auto_delete=False, queue_arguments=arguments
+                )
+            )
+        return queues
+
     def exchange_for(self, message: Message) -> str:
         """The broker name of the exchange that carries ``message``."""
         return self.name(EXCHANGE_OF_TYPE[message.type_name])
@@ -225,7 +258,11 @@ class Topology:
         )
 
     def all_queues(self) -> list[kombu.Queue]:
-        return [self.queue(name) for name in self.queue_specs] + [self.dead_letter_queue]
+        return [self.queue(name) for name in self.queue_specs] + [self.dead_letter_queue, *self.retry_queues()]
+
+    def all_exchanges(self) -> list[kombu.Exchange]:
+        retries = [self.retry_exchange(level) for level in range(len(self.retry_delays()))]
+        return [*self.exchanges.values(), self.dead_letter_exchange, *retries]
 
     def declare(self, connection: kombu.Connection) -> list[str]:
         """Declare every exchange, queue and binding; returns the names declared. Safe to repeat.
@@ -236,7 +273,7 @@ class Topology:
         declared: list[str] = []
         channel = connection.channel()
         try:
-            for exchange in [*self.exchanges.values(), self.dead_letter_exchange]:
+            for exchange in self.all_exchanges():
                 exchange.bind(channel).declare()
                 declared.append(exchange.name)
             for kombu_queue in self.all_queues():
@@ -259,7 +296,7 @@ class Topology:
         try:
             for kombu_queue in self.all_queues():
                 channel.queue_delete(kombu_queue.name)
-            for exchange in [*self.exchanges.values(), self.dead_letter_exchange]:
+            for exchange in self.all_exchanges():
                 channel.exchange_delete(exchange.name)
         finally:
             with contextlib.suppress(Exception):
