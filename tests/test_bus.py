@@ -50,6 +50,7 @@ from libs.runtime.service import run_service
 from libs.runtime.state import LiveState
 from sfx.cli import main as sfx_main
 from tests.conftest import rabbitmqctl, settings_environment, wait_until
+from tests.support.faults import relay_for
 
 
 def frame_result(frame_index: int, run_id: str = "r0001", trial: str = "live", reflections: int = 0) -> FrameResult:
@@ -586,3 +587,22 @@ def test_run_service_wraps_the_handler_of_every_consumer_in_its_middleware(setti
     for consumer in consumers:  # the standard pair came with run_service's list too
         assert consumer.metrics.snapshot()["messages_handled_total"] == 1
     assert exit_status == [0]
+
+
+def test_a_publisher_waits_out_a_broker_outage_as_long_as_its_setting_allows(settings: Settings) -> None:
+    """Analysis ranks and services publish through a broker that goes away: they wait, bounded by a setting."""
+    with relay_for(settings.amqp_url) as relay:
+        through = settings.model_copy(update={"amqp_url": relay.url(settings.amqp_url), "broker_outage_seconds": 30})
+        with Publisher(through) as publisher:
+            publisher.publish(frame_result(0))
+            relay.cut()
+            threading.Timer(3.0, relay.restore).start()
+            started = time.monotonic()
+            publisher.publish(frame_result(1))  # blocks until the broker is back, then is confirmed
+            assert time.monotonic() - started >= 2.5
+            assert publisher.reconnects >= 1
+        impatient = through.model_copy(update={"broker_outage_seconds": 1.0})
+        relay.cut()
+        with pytest.raises(PublishError, match=r"within 1\.0 s"), Publisher(impatient) as publisher:
+            publisher.publish(frame_result(2))
+    wait_until(lambda: queue_depth(settings, "merger.frames")[0] == 2, 10, "both confirmed results queued")

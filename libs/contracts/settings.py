@@ -25,6 +25,12 @@ class Settings(BaseSettings):
     delivery_limit: int = Field(
         5, ge=1, le=100, description="Deliveries before a message that keeps failing is dead-lettered"
     )
+    broker_outage_seconds: float = Field(
+        1800.0,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="How long a service or analysis rank keeps retrying a publish while the broker is unreachable",
+    )
     retry_delay_seconds: float = Field(
         1.0,
         gt=0,

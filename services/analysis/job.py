@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import redis
 
 from libs.contracts.messages import FrameResult, JobSpec, decode_message
 from libs.contracts.parameters import AnalysisParameters, with_overrides
@@ -29,6 +30,8 @@ from services.analysis.frame_counter import SharedFrameCounter
 from services.analysis.pipeline import AnalysisContext, AnalysisError, get_context, process_frame
 
 log = get_logger(__name__)
+
+MAX_UNSENT_TIMINGS = 10_000  # per-frame timings a rank keeps while Redis is unreachable
 
 
 class JobError(RuntimeError):
@@ -150,7 +153,11 @@ class RankWorker:
         """Complete when the file says so, or when ingest has marked the run no longer live."""
         if not self.spec.manifest.live or reader.is_complete:
             return True
-        latest = self.state.run(self.spec.manifest.run_id)
+        try:
+            latest = self.state.run(self.spec.manifest.run_id)
+        except redis.RedisError as error:  # Redis away: not known to be complete; ask again at the next poll
+            log.warning("cannot read the run's state; waiting", run_id=self.spec.manifest.run_id, error=str(error))
+            return False
         return latest is not None and not latest.live and latest.revision >= self.spec.manifest.revision
 
     def _process(self, reader: RunReader, context: AnalysisContext, index: int) -> FrameResult:
@@ -209,7 +216,8 @@ class RankWorker:
         if not (force or due or len(progress.pending) >= self.config.publish_batch):
             return
         if progress.pending:
-            publisher.publish_many(progress.pending)
+            publisher.publish_many(progress.pending)  # waits out a broker outage (settings.broker_outage_seconds)
+            progress.pending = []
         status = {
             "host": self.host,
             "pid": os.getpid(),
@@ -218,9 +226,16 @@ class RankWorker:
             "skipped": progress.skipped,
             "at": time.time(),
         }
-        self.state.record_rank(self.spec.job_id, self.rank, status, progress.timeline)
-        progress.pending, progress.timeline = [], []
         progress.last_flush = time.monotonic()
+        try:
+            self.state.record_rank(self.spec.job_id, self.rank, status, progress.timeline)
+        except redis.RedisError as error:
+            # The status and timings are for the monitor and for sizing jobs, not for the results: a rank goes on
+            # without Redis and sends them at a later flush (the oldest timings dropped past a bound).
+            del progress.timeline[:-MAX_UNSENT_TIMINGS]
+            log.warning("cannot record the rank's status; will retry", job_id=self.spec.job_id, error=str(error))
+            return
+        progress.timeline = []
 
 
 def gather_totals(comm: Any, progress: RankProgress) -> dict[str, int]:

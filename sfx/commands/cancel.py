@@ -30,7 +30,7 @@ def run(arguments: argparse.Namespace) -> int:
             raise CommandError(f"job {job_id} is unknown (see `sfx jobs`)")
         if job.status not in ACTIVE:
             raise CommandError(f"job {job_id} has already ended ({job.status.value})")
-    with Publisher(settings, role="sfx cancel") as publisher:
+    with Publisher(settings, role="sfx cancel", retry_seconds=10.0) as publisher:
         for job_id in arguments.jobs:
             publisher.publish(CancelRequest(job_id=job_id, requested_by=getpass.getuser()))
             print(f"cancel of {job_id} requested")

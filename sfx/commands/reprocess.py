@@ -44,7 +44,7 @@ def run(arguments: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise CommandError(str(error)) from error
-    with Publisher(get_settings(), role="sfx reprocess") as publisher:
+    with Publisher(get_settings(), role="sfx reprocess", retry_seconds=10.0) as publisher:
         publisher.publish(request)
     print(f"reprocess of {', '.join(request.run_ids)} under trial {request.trial!r} requested")
     return 0

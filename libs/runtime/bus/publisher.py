@@ -50,14 +50,15 @@ class Publisher:
         settings: Settings | None = None,
         *,
         role: str = "publisher",
-        retry_seconds: float = 60.0,
+        retry_seconds: float | None = None,
         confirm_timeout: float = 10.0,
         window: int = 1000,
     ) -> None:
         self.settings = settings or get_settings()
         self.topology = Topology(self.settings)
         self.role = role
-        self.retry_seconds = retry_seconds
+        # Services and ranks wait out a broker outage (settings.broker_outage_seconds); commands pass a short wait.
+        self.retry_seconds = self.settings.broker_outage_seconds if retry_seconds is None else retry_seconds
         self.confirm_timeout = confirm_timeout
         self.window = window
         self.reconnects = 0
