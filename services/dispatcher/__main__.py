@@ -6,15 +6,15 @@ import sys
 
 from libs.runtime.bus import STANDARD_MIDDLEWARE
 from libs.runtime.service import PeriodicTask, run_service, start_logging
-from services.dispatcher.backends import LocalMpiBackend
+from services.dispatcher.backends import make_backend
 from services.dispatcher.service import Dispatcher, make_consumers
 
 
 def main() -> int:
     settings = start_logging("dispatcher")
     try:
-        dispatcher = Dispatcher(settings, LocalMpiBackend(settings.work_dir))
-    except ValueError as error:  # impossible reservation settings: name them and stop
+        dispatcher = Dispatcher(settings, make_backend(settings))
+    except ValueError as error:  # an unknown SFX_BACKEND or impossible reservation settings: name them and stop
         print(f"dispatcher: {error}", file=sys.stderr)
         return 2
     return run_service(

@@ -1,8 +1,8 @@
-"""Where analysis jobs run. A backend starts, polls and cancels jobs; one poll covers all of its jobs.
+"""The ``local`` backend: ``mpiexec`` on this machine.
 
-The first backend runs ``mpiexec`` on this machine. Each job gets a folder ``<work_dir>/jobs/<job_id>/`` holding
-its spec, its logs, the process id and, when it ends, its exit code. Those files are the backend's own view of its
-jobs, so a restarted dispatcher finds the jobs it started before (no job is forgotten or started twice).
+Each job gets a folder ``<work_dir>/jobs/<job_id>/`` holding its spec, its log, the process id with the process's
+start time, a mark when it was cancelled and, when it ends, its exit code. Those files are the backend's own view of
+its jobs, so a restarted dispatcher finds the jobs it started before (no job is forgotten or started twice).
 """
 
 from __future__ import annotations
@@ -13,59 +13,15 @@ import signal
 import subprocess
 import sys
 import time
-from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
-
-from pydantic import BaseModel
 
 from libs.contracts.messages import JobSpec
+from libs.contracts.settings import Settings
 from libs.runtime.processes import signal_group
+from services.dispatcher.backends import BackendError, BackendJobStatus, RunState
 
 CANCEL_GRACE_SECONDS = 10.0
-
-
-class BackendError(RuntimeError):
-    """A job could not be started or controlled; the text says which and why."""
-
-
-class RunState(StrEnum):
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    LOST = "lost"
-
-
-class BackendJobStatus(BaseModel):
-    """What the backend knows of one job."""
-
-    job_id: str
-    backend_id: str
-    state: RunState
-    exit_code: int | None = None
-    detail: str = ""
-
-
-class Backend(Protocol):
-    """The interface every backend (local mpiexec, Slurm, Kubernetes) implements."""
-
-    name: str
-
-    def start(self, spec: JobSpec) -> str:
-        """Start the job; returns the backend's handle for it."""
-        ...
-
-    def poll(self) -> dict[str, BackendJobStatus]:
-        """The state of every job this backend knows, in one call."""
-        ...
-
-    def cancel(self, job_id: str) -> None:
-        """Stop a job (no error when it already ended)."""
-        ...
-
-    def forget(self, job_id: str) -> None:
-        """Leave an ended job out of future polls."""
-        ...
+REPO_ROOT = Path(__file__).resolve().parents[3]  # jobs run ``python -m services.analysis`` from here
 
 
 class LocalMpiBackend:
@@ -80,6 +36,10 @@ class LocalMpiBackend:
         self.python = python or sys.executable
         self._children: dict[str, subprocess.Popen[bytes]] = {}
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LocalMpiBackend:
+        return cls(settings.work_dir)
+
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
 
@@ -88,7 +48,8 @@ class LocalMpiBackend:
         if (folder / "pid").exists() and not (folder / "exit_code").exists():
             raise BackendError(f"job {spec.job_id} is already running in {folder}")
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "exit_code").unlink(missing_ok=True)
+        for previous_attempt in ("exit_code", "cancelled"):
+            (folder / previous_attempt).unlink(missing_ok=True)
         spec_path = folder / "spec.json"
         spec_path.write_bytes(spec.encode())
         command = [
@@ -109,8 +70,12 @@ class LocalMpiBackend:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                cwd=Path(__file__).resolve().parents[2],
+                cwd=REPO_ROOT,
             )
+        start_time = process_start_time(process.pid)
+        (folder / "pid_start_time").unlink(missing_ok=True)
+        if start_time is not None:  # written before the pid: whoever sees the pid sees its start time too
+            (folder / "pid_start_time").write_text(str(start_time))
         (folder / "pid").write_text(str(process.pid))
         self._children[spec.job_id] = process
         return str(process.pid)
@@ -126,29 +91,34 @@ class LocalMpiBackend:
             if child is not None:
                 child.poll()  # reap our own child so it does not linger as a zombie
             exit_file = folder / "exit_code"
-            if exit_file.exists() and exit_file.read_text().strip():
-                code = int(exit_file.read_text().strip())
-                state = RunState.SUCCEEDED if code == 0 else RunState.FAILED
-                statuses[job_id] = BackendJobStatus(
-                    job_id=job_id, backend_id=str(pid), state=state, exit_code=code, detail=_log_tail(folder)
-                )
-            elif _alive(pid):
-                statuses[job_id] = BackendJobStatus(job_id=job_id, backend_id=str(pid), state=RunState.RUNNING)
+            exit_text = exit_file.read_text().strip() if exit_file.exists() else ""
+            code = int(exit_text) if exit_text else None
+            cancelled = (folder / "cancelled").exists()
+            if code == 0:
+                state, detail = RunState.SUCCEEDED, _log_tail(folder)
+            elif code is None and _is_job_process(folder, pid):
+                state, detail = RunState.RUNNING, ""
+            elif cancelled:
+                state, detail = RunState.CANCELLED, _log_tail(folder)
+            elif code is not None:
+                state, detail = RunState.FAILED, _log_tail(folder)
             else:
-                statuses[job_id] = BackendJobStatus(
-                    job_id=job_id,
-                    backend_id=str(pid),
-                    state=RunState.LOST,
-                    detail="process ended without recording an exit code",
-                )
+                state, detail = RunState.LOST, "process ended without recording an exit code"
+            statuses[job_id] = BackendJobStatus(
+                job_id=job_id, backend_id=str(pid), state=state, exit_code=code, detail=detail
+            )
         return statuses
 
     def cancel(self, job_id: str) -> None:
         """SIGTERM to the job's process group (mpiexec and its ranks); SIGKILL if it has not ended within 10 s."""
-        pid_file = self.job_dir(job_id) / "pid"
+        folder = self.job_dir(job_id)
+        pid_file = folder / "pid"
         if not pid_file.exists():
             return
         pid = int(pid_file.read_text())
+        if (folder / "exit_code").exists() or not _is_job_process(folder, pid):
+            return  # ended already; a process now holding its pid is someone else's
+        (folder / "cancelled").touch()  # before the signal: once the job has ended, it polls as cancelled
         if not signal_group(pid, signal.SIGTERM):
             return
         for final_signal in (signal.SIGKILL, None):
@@ -169,6 +139,35 @@ class LocalMpiBackend:
         self._children.pop(job_id, None)
 
 
+def process_start_time(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (field 22 of /proc/<pid>/stat); None without it.
+
+    A pid alone does not name a process for long: once it ends, the system may give its pid to a new one.
+    """
+    fields = _stat_fields(pid)
+    return int(fields[22]) if fields is not None else None
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat, numbered from 1 as in proc(5) (index 0 unused); None without the file."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 2, the command name in parentheses, may itself hold spaces and parentheses: split after the last ")".
+    before, _, after = stat.rpartition(")")
+    return ["", before.partition(" (")[0], before.partition(" (")[2], *after.split()]
+
+
+def _is_job_process(folder: Path, pid: int) -> bool:
+    """True while the job's own process lives: ``pid`` is alive and started when the job recorded it did."""
+    recorded = folder / "pid_start_time"
+    # Folders of an older backend have no start time; their pid is all there is to go by.
+    if recorded.exists() and process_start_time(pid) != int(recorded.read_text()):
+        return False
+    return _alive(pid)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -182,10 +181,24 @@ def _alive(pid: int) -> bool:
 
 
 def _group_alive(pid: int, child: subprocess.Popen[bytes] | None) -> bool:
-    """True while any process of the group led by ``pid`` exists (our own child is reaped first)."""
+    """True while a process of the group led by ``pid`` runs (our own child is reaped first).
+
+    Zombies do not count: a leader adopted from an earlier dispatcher may stay one when nobody reaps it (a dispatcher
+    that is PID 1 of its container), and its group would otherwise never look ended.
+    """
     if child is not None:
         child.poll()
-    return signal_group(pid, 0)
+    if not signal_group(pid, 0):
+        return False
+    if not Path("/proc/self/stat").exists():
+        return True  # no /proc: any member, zombie or not, counts
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is not None and fields[5] == str(pid) and fields[3] != "Z":  # 3: state, 5: process group
+            return True
+    return False
 
 
 def _log_tail(folder: Path, lines: int = 20) -> str:
