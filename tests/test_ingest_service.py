@@ -55,10 +55,11 @@ def received(queue: kombu.simple.SimpleQueue, count: int) -> list[RunManifest]:
     return found
 
 
-def ingest_for(settings: Settings, *landing: Path, quiet: float = 0.0) -> Ingest:
-    return Ingest(
-        settings.model_copy(update={"landing_dirs": [str(d) for d in landing], "ingest_quiet_seconds": quiet})
-    )
+def ingest_for(settings: Settings, *landing: Path) -> Ingest:
+    """An ingest watching ``landing`` (quiet period 0: a file is complete when seen), its work dir beside them."""
+    work_dir = landing[0].parent / "work"
+    update = {"landing_dirs": [str(d) for d in landing], "ingest_quiet_seconds": 0.0, "work_dir": work_dir}
+    return Ingest(settings.model_copy(update=update))
 
 
 def test_a_manifest_whose_publish_failed_is_published_from_the_outbox(
@@ -136,3 +137,26 @@ def test_runs_whose_names_collide_get_distinct_ids(
     files = {manifest.files[0] for manifest in published}
     assert files == {str(folder / name) for folder in (first, second) for name in ("run 1.h5", "run?1.h5")}
     ingest.stop()
+
+
+def test_after_redis_was_emptied_finished_runs_are_not_published_again(
+    settings: Settings, tmp_path: Path, manifests: kombu.simple.SimpleQueue
+) -> None:
+    landing = tmp_path / "landing"
+    write_run(landing / "r1.h5")
+    write_sample(landing, LYSOZYME)
+    first = ingest_for(settings, landing)
+    first.scan()
+    (published,) = received(manifests, 1)
+    first.stop()
+    LiveState(settings).delete_namespace()  # Redis restarted without persistence
+    restarted = ingest_for(settings, landing)
+    restarted.scan()
+    restored = LiveState(settings).run("r1")
+    assert restored is not None and restored.revision == published.revision and not restored.live
+    assert restarted.publisher.published_total == 0, "a finished run was published again at live priority"
+    write_run(landing / "r2.h5")  # a new run is still seen and published
+    restarted.scan()
+    (new,) = received(manifests, 1)
+    assert new.run_id == "r2"
+    restarted.stop()

@@ -9,7 +9,9 @@ directories, groups files into runs (services.ingest.discovery) and opens each r
   ``live = false`` goes out. Redis keeps the latest manifest, so a restarted ingest (or a second sighting) never
   publishes a finished run again. Save, then publish: the manifest is saved together with an outbox entry, which
   only a confirmed publish removes; every poll first publishes what the outbox holds, so a crash or a broker outage
-  between the two steps delays a manifest but never loses it.
+  between the two steps delays a manifest but never loses it. Each confirmed manifest is also recorded under
+  ``<work_dir>/ingest/published/``: after Redis was emptied the ingest puts those back into Redis instead of
+  publishing finished runs again.
 - a file that cannot be read once it has stopped changing is rejected: its reason goes to the log, to Redis
   (``<ns>:ingest:rejected``) and out as a FileRejected message; it is set aside (not opened again) until it changes.
 
@@ -35,9 +37,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from libs.contracts.messages import CellParameters, FileRejected, RunManifest, validate_cell
+from libs.contracts.messages import CellParameters, FileRejected, RunManifest, decode_message, validate_cell
+from libs.contracts.naming import escape_word
 from libs.contracts.settings import Settings
 from libs.runtime.bus import Publisher
+from libs.runtime.durable import write_atomically
 from libs.runtime.logging import get_logger
 from libs.runtime.state import LiveState
 from libs.science.crystal import check_cell_fits_space_group, space_group
@@ -99,6 +103,9 @@ class Ingest:
         self.finished: set[str] = set()
         self.rejected: dict[Path, tuple[object, ...]] = {}
         self.collisions: set[Path] = set()
+        # What was published, kept where it outlives an emptied Redis (Redis is a live view, not the record).
+        self.records = settings.work_dir / "ingest" / "published"
+        self.records.mkdir(parents=True, exist_ok=True)
         self._publisher: Publisher | None = None
 
     @property
@@ -162,9 +169,29 @@ class Ingest:
         for run_id in self.state.unpublished_runs():
             manifest = self.state.run(run_id)
             if manifest is not None:
-                self.publisher.publish(manifest)
+                self._publish_manifest(manifest)
                 log.info("run manifest published from the outbox", run_id=run_id, revision=manifest.revision)
-            self.state.mark_run_published(run_id)
+            else:
+                self.state.mark_run_published(run_id)
+
+    def _publish_manifest(self, manifest: RunManifest) -> None:
+        """Publish, then record it as published on disk (which outlives Redis), then clear its outbox entry."""
+        self.publisher.publish(manifest)
+        write_atomically(self._record_path(manifest.run_id), manifest.encode())
+        self.state.mark_run_published(manifest.run_id)
+
+    def _record_path(self, run_id: str) -> Path:
+        return self.records / f"{escape_word(run_id)}.json"
+
+    def _published_record(self, run_id: str) -> RunManifest | None:
+        """The last manifest of a run whose publish was confirmed, as recorded on disk."""
+        try:
+            return decode_message(self._record_path(run_id).read_bytes(), RunManifest)
+        except FileNotFoundError:
+            return None
+        except ValueError as error:
+            log.error("published-run record unreadable; the run is treated as new", run_id=run_id, error=str(error))
+            return None
 
     def _consider(self, candidate: RunCandidate, observations: dict[Path, FileObservation], now: float) -> None:
         files = [f for f in candidate.all_files if f in observations]
@@ -174,6 +201,10 @@ class Ingest:
         known = self.tracks.get(candidate.run_id)
         if known is None:
             latest = self.state.run(candidate.run_id)
+            if latest is None:
+                latest = self._published_record(candidate.run_id)
+                if latest is not None:  # Redis was emptied: put back what was published, without publishing it again
+                    self.state.save_run(latest)
             if latest is not None and not latest.live:
                 self.finished.add(candidate.run_id)  # published in full before (restart or second sighting)
                 return
@@ -218,8 +249,7 @@ class Ingest:
         self.tracks[candidate.run_id] = RunTrack(manifest, now)
         if complete:
             self.finished.add(candidate.run_id)
-        self.publisher.publish(manifest)
-        self.state.mark_run_published(manifest.run_id)
+        self._publish_manifest(manifest)
         log.info(
             "run manifest published",
             run_id=manifest.run_id,
