@@ -143,16 +143,23 @@ def test_an_empty_dataset_header_does_not_stop_the_merger(merger_settings: Setti
     assert len(restarted.datasets[(dataset_id_for(manifest), "live")].keys) == 5
 
 
-def test_results_of_a_known_run_are_placed_after_redis_was_emptied(merger_settings: Settings) -> None:
+def test_after_redis_was_emptied_the_merger_recounts_its_journal_and_places_known_runs(
+    merger_settings: Settings,
+) -> None:
     state = LiveState(merger_settings)
     manifest = announce(state, "r1")
     results = results_of("r1")
-    Merger(merger_settings).handle_result(results[0])
+    merger = Merger(merger_settings)
+    for result in results[:4]:
+        merger.handle_result(result)
+    expected = state.counters("r1", "live")
     state.delete_namespace()
     restarted = Merger(merger_settings)
-    restarted.handle_result(results[1])
-    assert len(restarted.datasets[(dataset_id_for(manifest), "live")].keys) == 2
-    assert state.frames_seen("r1", "live") == 1  # counted again from here on; the journal holds both
+    assert state.counters("r1", "live") == expected, "the counts were not re-seeded from the journal"
+    assert state.was_seen("r1", "live", results[3].frame_index)  # so the analysis does not redo it
+    restarted.handle_result(results[4])  # its manifest is gone from Redis: the merger's own copy places it
+    assert len(restarted.datasets[(dataset_id_for(manifest), "live")].keys) == 5
+    assert state.frames_seen("r1", "live") == 5
 
 
 @pytest.mark.slow

@@ -43,6 +43,7 @@ import redis
 
 from libs.contracts.costs import COST_FRAMES_PER_JOB, FrameCosts, frame_costs
 from libs.contracts.messages import (
+    MAX_FRAMES_PER_RUN,
     FileRejected,
     FrameResult,
     JobSpec,
@@ -61,7 +62,6 @@ M = TypeVar("M", bound=Message)
 FRAME_COUNTER_FIELDS = ("frames", "hits", "indexed", "failed", "reflections")
 """Fields of a trial's counters hash."""
 
-_MAX_FRAME_INDEX = 2**32 - 1  # Redis bitmaps address at most 2^32 bits
 
 # KEYS: seen bitmap, counters hash, trials set, runs zset.
 # ARGV: frame index, ttl, trial, run id, now, then field/increment pairs.
@@ -167,33 +167,49 @@ class LiveState:
 
         Returns True when the frame was new (counted now), False when it had been counted before (a redelivery).
         """
-        if not 0 <= frame_index <= _MAX_FRAME_INDEX:
-            raise ValueError(f"frame_index {frame_index} of run {run_id} is outside 0..{_MAX_FRAME_INDEX}")
+        keys, args = self._count_arguments(run_id, trial, frame_index, increments)
+        return bool(self._count_once(keys=keys, args=args))
+
+    def _count_arguments(
+        self, run_id: str, trial: str, frame_index: int, increments: Mapping[str, int] | None
+    ) -> tuple[list[str], list[Any]]:
+        if not 0 <= frame_index < MAX_FRAMES_PER_RUN:
+            raise ValueError(f"frame_index {frame_index} of run {run_id} is outside 0..{MAX_FRAMES_PER_RUN - 1}")
         increments = {"frames": 1} if increments is None else increments
         pairs: list[str | int] = []
         for field_name, amount in increments.items():
             pairs += [field_name, int(amount)]
-        counted = self._count_once(
-            keys=[
-                self.keys.seen(run_id, trial),
-                self.keys.counters(run_id, trial),
-                self.keys.trials(run_id),
-                self.keys.runs(),
-            ],
-            args=[frame_index, self.ttl, trial, run_id, time.time(), *pairs],
-        )
-        return bool(counted)
+        keys = [self.keys.seen(run_id, trial), self.keys.counters(run_id, trial), self.keys.trials(run_id)]
+        return [*keys, self.keys.runs()], [frame_index, self.ttl, trial, run_id, time.time(), *pairs]
 
-    def count_frame_result(self, result: FrameResult) -> bool:
-        """Count a FrameResult once: frames, hits, indexed, failed and reflections of its run and trial."""
-        increments = {
+    @staticmethod
+    def _result_increments(result: FrameResult) -> dict[str, int]:
+        return {
             "frames": 1,
             "hits": int(result.hit),
             "indexed": int(result.indexed),
             "failed": int(result.error is not None),
             "reflections": len(result.reflections) if result.reflections is not None else 0,
         }
+
+    def count_frame_result(self, result: FrameResult) -> bool:
+        """Count a FrameResult once: frames, hits, indexed, failed and reflections of its run and trial."""
+        increments = self._result_increments(result)
         return self.count_frame_once(result.run_id, result.trial, result.frame_index, increments)
+
+    def count_frame_results(self, results: Sequence[FrameResult], batch: int = 1000) -> int:
+        """Count many results once each, in pipelined batches (a merger re-seeding an emptied Redis from its
+        journals); returns how many were new."""
+        new = 0
+        for start in range(0, len(results), batch):
+            pipeline = self.redis.pipeline(transaction=False)
+            for result in results[start : start + batch]:
+                keys, args = self._count_arguments(
+                    result.run_id, result.trial, result.frame_index, self._result_increments(result)
+                )
+                self._count_once(keys=keys, args=args, client=pipeline)
+            new += sum(int(counted) for counted in pipeline.execute())
+        return new
 
     def counters(self, run_id: str, trial: str) -> dict[str, int]:
         """The counters of a run under a trial (every field of FRAME_COUNTER_FIELDS, 0 when absent)."""

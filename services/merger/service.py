@@ -7,7 +7,8 @@ nor double-counts a frame (a redelivered result whose key is in the journal is c
 and dropped). Which runs have ended, and which of them are written, is kept beside the journal (``runs.json``),
 so a merger killed after acking a run's final state still writes its MTZ when it comes back. Every manifest the
 merger used is kept in ``<work_dir>/merger/manifests/`` so it places results of known runs after Redis was
-emptied. The engine is fed in batches by the periodic task, which also publishes a MergeUpdate every few seconds.
+emptied, and the counts of every journalled frame are put back into Redis when a dataset is restored. The engine is
+fed in batches by the periodic task, which also publishes a MergeUpdate every few seconds.
 When a job reports that a run is done and every frame of it has arrived, the dataset is finalised: the engine is
 rebuilt from the journal in (run, frame) order and fully re-scaled, so the final MTZ depends only on which frames
 were merged, never on their arrival order or on restarts. MTZ files and every state file are written under a
@@ -230,6 +231,9 @@ class Merger:
             for result in results:
                 self._remember(dataset, result)
             dataset.pending.extend(results)
+            # The journal is the record; Redis only a view of it. Counting again is a no-op for frames Redis still
+            # knows and re-seeds an emptied Redis, so the analysis does not redo merged frames.
+            self.state.count_frame_results(results)
             dataset.load_runs()
             self.datasets[(dataset_id, trial)] = dataset
         return dataset
