@@ -182,3 +182,15 @@ def test_one_dataset_that_cannot_be_written_does_not_stall_the_others(merger_set
     assert healthy_update is not None and healthy_update.final
     broken_dataset = merger.datasets[(dataset_id_for(broken), "live")]
     assert "r1" not in broken_dataset.runs_final, "a failed write was recorded as written"
+
+
+def test_a_running_merger_recounts_its_journal_when_redis_restarts_empty(merger_settings: Settings) -> None:
+    state = LiveState(merger_settings)
+    announce(state, "r1")
+    merger = Merger(merger_settings)
+    for result in results_of("r1")[:3]:
+        merger.handle_result(result)
+    expected = state.counters("r1", "live")
+    state.delete_namespace()
+    merger.tick()
+    assert state.counters("r1", "live") == expected

@@ -123,6 +123,9 @@ class Keys:
     def unpublished_runs(self) -> str:
         return f"{self.namespace}:ingest:unpublished"
 
+    def seeded(self, owner: str) -> str:
+        return f"{self.namespace}:seeded:{escape_word(owner)}"
+
     def job_ranks(self, job_id: str) -> str:
         return f"{self.job(job_id)}:ranks"
 
@@ -273,6 +276,13 @@ class LiveState:
         """Runs whose latest manifest was saved but whose publish was not confirmed (the ingest's outbox)."""
         members: set[bytes] = self.redis.smembers(self.keys.unpublished_runs())  # type: ignore[assignment]
         return sorted(member.decode() for member in members)
+
+    def is_seeded(self, owner: str) -> bool:
+        """False when Redis lost what ``owner`` put back from its own records (a restart without persistence)."""
+        return bool(self.redis.exists(self.keys.seeded(owner)))
+
+    def mark_seeded(self, owner: str) -> None:
+        self.redis.set(self.keys.seeded(owner), str(time.time()))
 
     def mark_run_published(self, run_id: str) -> None:
         self.redis.srem(self.keys.unpublished_runs(), run_id)

@@ -109,6 +109,16 @@ class Merger:
                 continue
             dataset = self._dataset_for(manifest, journal.parent.name)
             log.info("dataset restored", dataset=dataset.dataset_id, trial=dataset.trial, frames=len(dataset.keys))
+        self.state.mark_seeded("merger")
+
+    def _reseed_if_redis_was_emptied(self) -> None:
+        """Put the counts of every journalled frame back when Redis restarted empty while the merger ran."""
+        if self.state.is_seeded("merger"):
+            return
+        log.warning("the live state was emptied; counting the journalled frames again", datasets=len(self.datasets))
+        for dataset in self.datasets.values():
+            self.state.count_frame_results(self._read_journal(dataset.journal))
+        self.state.mark_seeded("merger")
 
     def _header_manifest(self, journal: Path) -> RunManifest | None:
         """The manifest a dataset folder was made for; from a run of its journal when the header is damaged."""
@@ -244,6 +254,7 @@ class Merger:
         """Merge what arrived, publish updates, finalise datasets whose runs are complete."""
         updates: list[MergeUpdate] = []
         with self._lock:
+            self._reseed_if_redis_was_emptied()
             for dataset in self.datasets.values():
                 try:
                     update = self._tick_dataset(dataset)
