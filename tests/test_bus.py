@@ -377,6 +377,7 @@ def test_dlq_list_replay_and_purge(cli_environment: Settings, scratch_queues: li
     assert dead_letters(settings) == []
 
 
+@pytest.mark.slow  # a handler that works for seconds
 def test_a_long_handler_does_not_starve_the_connection_heartbeat(settings: Settings) -> None:
     """With a 1 s AMQP heartbeat the broker drops a silent connection after about 2 s; the handler takes 4 s."""
     handled: list[int] = []
@@ -457,6 +458,7 @@ def test_bus_declare_is_idempotent_and_refuses_conflicting_queues(cli_environmen
         conflicting.declare(connection)
 
 
+@pytest.mark.slow  # a broker outage and reconnections, ~50 s
 def test_broker_drops_every_connection_mid_stream(vhost_settings: Settings) -> None:
     """10,000 results; the broker closes every connection half-way with handlers in flight: all arrive, once."""
     settings = vhost_settings
