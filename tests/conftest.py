@@ -13,6 +13,7 @@ from libs.contracts.settings import Settings, get_settings
 from libs.runtime.bus import Topology, connect
 from libs.runtime.state import LiveState
 from tests.support.namespace import AMQP_URL, cleanup, declare, make_settings, rabbitmqctl, settings_environment
+from tests.support.tools import require_program, require_system_modules
 from tests.support.waiting import wait_for
 
 # Older spellings some test modules import from here; the implementations live in tests/support.
@@ -48,6 +49,19 @@ def cli_environment(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iter
     get_settings.cache_clear()
     yield settings
     get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def dials_python() -> str:
+    """Debian's python with dxtbx, and dials.import on PATH; the test fails (never skips) without them."""
+    require_program("dials.import")
+    return require_system_modules("dxtbx")
+
+
+@pytest.fixture(scope="session")
+def cctbx_python() -> str:
+    """Debian's python with cctbx and iotbx; the test fails (never skips) without them."""
+    return require_system_modules("cctbx", "iotbx")
 
 
 @pytest.fixture

@@ -21,8 +21,12 @@ import pytest
 from libs.science.formats import open_run, open_run_writer
 from libs.science.geometry import Beam, Detector, jungfrau4m_detector, single_panel_detector
 from tests.support.frames import synthetic_frames, write_foreign_nxmx
+from tests.support.tools import SYSTEM_PYTHON
 
-DEBIAN_PYTHON = "/usr/bin/python3"
+# DIALS runs in subprocesses (seconds each); without it the tests fail, naming the command that installs it.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("dials_python")]
+
+DEBIAN_PYTHON = SYSTEM_PYTHON
 PIXEL_PROBES = [(0, 0), (7, 11), (31, 63)]  # (slow, fast) positions whose values are compared
 
 DUMP_MODELS = """

@@ -22,7 +22,7 @@ from services.merger.mtz import write_merge_outputs
 from services.merger.statistics import ReflectionSums, merging_statistics
 from tests.support.merging_data import simulated_results
 
-SYSTEM_PYTHON = "/usr/bin/python3"
+pytestmark = pytest.mark.slow  # 300 simulated frames merged, then cctbx in a subprocess
 
 CCTBX_SCRIPT = textwrap.dedent(
     """
@@ -86,12 +86,14 @@ def merged_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[MergingEngine,
 
 
 @pytest.fixture(scope="module")
-def cctbx_view(merged_run: tuple[MergingEngine, Path, Path, int], tmp_path_factory: pytest.TempPathFactory) -> dict:
+def cctbx_view(
+    cctbx_python: str, merged_run: tuple[MergingEngine, Path, Path, int], tmp_path_factory: pytest.TempPathFactory
+) -> dict:
     _, merged_path, unmerged_path, _ = merged_run
     script = tmp_path_factory.mktemp("cctbx") / "read.py"
     script.write_text(CCTBX_SCRIPT)
     completed = subprocess.run(
-        [SYSTEM_PYTHON, str(script), str(unmerged_path), str(merged_path), "10"],
+        [cctbx_python, str(script), str(unmerged_path), str(merged_path), "10"],
         capture_output=True,
         text=True,
         timeout=300,
