@@ -7,12 +7,15 @@ import sys
 from pathlib import Path
 
 import kombu
+import pytest
 
 from libs.contracts.messages import FrameResult, JobSpec, RunManifest, decode_message
 from libs.contracts.settings import Settings
 from libs.runtime.bus import Topology, connect
 from libs.runtime.state import LiveState
 from tests.conftest import settings_environment
+
+pytestmark = pytest.mark.slow  # mpiexec jobs
 
 REPO = Path(__file__).resolve().parents[1]
 

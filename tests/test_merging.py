@@ -240,6 +240,7 @@ def best_setting_cc(engine: MergingEngine, truth: np.ndarray) -> float:
     return best
 
 
+@pytest.mark.slow  # 2000 simulated frames, ~15 s
 def test_two_thousand_simulated_frames_merge_to_the_true_intensities() -> None:
     experiment = Experiment(SimulationConfig(seed=11, hit_fraction=1.0))
     config = experiment.config
@@ -269,6 +270,7 @@ def test_two_thousand_simulated_frames_merge_to_the_true_intensities() -> None:
     assert top.cc_half is not None and top.cc_half > 0.3
 
 
+@pytest.mark.slow  # simulated frames of an ambiguous lattice, ~20 s
 def test_ambiguous_space_group_frames_get_consistent_modes() -> None:
     experiment = Experiment(SimulationConfig(seed=12, hit_fraction=1.0, space_group="P 43"))
     config = experiment.config
@@ -314,6 +316,7 @@ def test_ambiguous_space_group_frames_get_consistent_modes() -> None:
 # The whole chain: simulated images → real per-frame analysis → merge (sfx process), then sfx merge again
 
 
+@pytest.mark.slow  # sfx process over MPI, ~15 s
 def test_sfx_process_merges_what_the_per_frame_analysis_found(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -373,6 +373,7 @@ def test_optional_second_lattice_adds_its_spots_only_to_the_image() -> None:
     assert excess == pytest.approx(expected, rel=0.1, abs=5 * np.sqrt(expected))
 
 
+@pytest.mark.slow  # writes at a live rate, ~7 s
 def test_live_rate_grows_a_readable_run(tmp_path: Path) -> None:
     out = tmp_path / "live.nxs"
     command = [sys.executable, "-m", "sfx", "simulate", "--out", str(out), "--frames", "12", "--live-rate", "4"]
