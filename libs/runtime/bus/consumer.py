@@ -315,6 +315,7 @@ class Consumer:
             delivery_count=_header_count(headers, "x-delivery-count") + retries,
             headers=headers,
             metrics=self.metrics,
+            user_id=(raw.properties or {}).get("user_id") or None,
         )
         try:
             message = decode_message(body_bytes(raw))

@@ -3,6 +3,9 @@
 A consumer builds its chain from a list of middleware, the first one outermost: with ``[a, b]`` a delivery runs
 ``a(b(handler))``. Which middleware a service's consumers get is chosen where the service is assembled
 (``run_service(..., middleware=...)`` in ``services/<name>/__main__.py``); :data:`STANDARD_MIDDLEWARE` is the default.
+
+A handler receives only the message; one that needs to know how it arrived (who sent it, for instance) calls
+:func:`current_delivery`, which :func:`delivery_context_middleware` (part of the standard list) keeps up to date.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -61,11 +65,35 @@ class Delivery:
     # The counters of the consumer that received the message: one middleware list serves every consumer of a service,
     # so a counting middleware finds the consumer's own counters here.
     metrics: ConsumerMetrics
+    # The AMQP user_id property. RabbitMQ refuses a message whose user_id is not the login of the connection that
+    # published it, so it names the broker user who sent it; None when the publisher did not set it.
+    user_id: str | None = None
 
 
 HandlerCall = Callable[[Message, Delivery], None]
 Middleware = Callable[[HandlerCall], HandlerCall]
 """A middleware takes the next call in the chain and returns a call that wraps it."""
+
+
+_current_delivery: ContextVar[Delivery | None] = ContextVar("sfx_current_delivery", default=None)
+
+
+def current_delivery() -> Delivery | None:
+    """The delivery whose handler is running in this thread; None outside a handler (or without the middleware)."""
+    return _current_delivery.get()
+
+
+def delivery_context_middleware(call: HandlerCall) -> HandlerCall:
+    """Make the delivery available to the handler through :func:`current_delivery` while it runs."""
+
+    def with_context(message: Message, delivery: Delivery) -> None:
+        token = _current_delivery.set(delivery)
+        try:
+            call(message, delivery)
+        finally:
+            _current_delivery.reset(token)
+
+    return with_context
 
 
 def logging_middleware(call: HandlerCall) -> HandlerCall:
@@ -80,6 +108,8 @@ def logging_middleware(call: HandlerCall) -> HandlerCall:
         for attribute in ("run_id", "trial", "frame_index", "job_id", "dataset_id"):
             if hasattr(message, attribute):
                 context[attribute] = getattr(message, attribute)
+        if delivery.user_id is not None:
+            context["user_id"] = delivery.user_id  # the broker-checked sender, for the audit trail
         with structlog.contextvars.bound_contextvars(**context):
             try:
                 call(message, delivery)
@@ -111,5 +141,6 @@ def metrics_middleware(call: HandlerCall) -> HandlerCall:
     return measured
 
 
-STANDARD_MIDDLEWARE: tuple[Middleware, ...] = (logging_middleware, metrics_middleware)
-"""The middleware of a consumer unless it is given others: the log context outermost, then the counters."""
+STANDARD_MIDDLEWARE: tuple[Middleware, ...] = (delivery_context_middleware, logging_middleware, metrics_middleware)
+"""The middleware of a consumer unless it is given others: the delivery context and the log context outermost, then
+the counters."""
