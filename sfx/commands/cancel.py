@@ -30,7 +30,8 @@ def run(arguments: argparse.Namespace) -> int:
             raise CommandError(f"job {job_id} is unknown (see `sfx jobs`)")
         if job.status not in ACTIVE:
             raise CommandError(f"job {job_id} has already ended ({job.status.value})")
-    with Publisher(settings, role="sfx cancel", retry_seconds=10.0) as publisher:
+    # user_id stamped: the dispatcher records the broker-checked user in the job's reason, not requested_by
+    with Publisher(settings, role="sfx cancel", retry_seconds=10.0, stamp_user_id=True) as publisher:
         for job_id in arguments.jobs:
             publisher.publish(CancelRequest(job_id=job_id, requested_by=getpass.getuser()))
             print(f"cancel of {job_id} requested")

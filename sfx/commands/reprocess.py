@@ -44,7 +44,8 @@ def run(arguments: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise CommandError(str(error)) from error
-    with Publisher(get_settings(), role="sfx reprocess", retry_seconds=10.0) as publisher:
+    # user_id stamped: the dispatcher records the broker-checked user in the job's reason, not requested_by
+    with Publisher(get_settings(), role="sfx reprocess", retry_seconds=10.0, stamp_user_id=True) as publisher:
         publisher.publish(request)
     print(f"reprocess of {', '.join(request.run_ids)} under trial {request.trial!r} requested")
     return 0
