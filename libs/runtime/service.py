@@ -7,6 +7,9 @@ broker), so that a service can be restarted at any moment without losing or doub
 Cross-cutting behaviour around the handlers is chosen here too: ``run_service(..., middleware=[...])`` gives one
 middleware list to every consumer of the service (default :data:`~libs.runtime.bus.STANDARD_MIDDLEWARE`, logging
 and counters), so a service's ``__main__`` adds, say, an exporter by adding it to that list.
+
+Wrong credentials stop a service at once (:func:`check_credentials`), with a message that names the user and the
+server but never the password, instead of a service that retries a login forever.
 """
 
 from __future__ import annotations
@@ -16,9 +19,14 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
-from libs.contracts.settings import Settings, get_settings
-from libs.runtime.bus import STANDARD_MIDDLEWARE, Consumer, Middleware, declare_topology
+import amqp
+import kombu
+import redis
+
+from libs.contracts.settings import Settings, get_settings, redacted_url
+from libs.runtime.bus import STANDARD_MIDDLEWARE, Consumer, Middleware, connect, declare_topology
 from libs.runtime.heartbeat import Heartbeat
 from libs.runtime.logging import configure_logging, get_logger
 
@@ -42,6 +50,48 @@ def _run_periodic(task: PeriodicTask, stopping: threading.Event) -> None:
             log.exception("periodic task failed", task=task.name, error=repr(error))
 
 
+class CredentialsError(RuntimeError):
+    """RabbitMQ or Redis refused the login of the settings: retrying cannot help, the configuration must change."""
+
+
+def check_credentials(settings: Settings) -> None:
+    """Log in to RabbitMQ and Redis once; :class:`CredentialsError` naming the user and server when one refuses.
+
+    Only a refused login is an error here: a server that does not answer yet is the business of the reconnecting
+    clients (services wait out outages).
+    """
+    amqp_url = settings.amqp_url
+    try:
+        with connect(settings, role="credentials check"):
+            pass
+    except amqp.exceptions.AccessRefused as error:
+        user = kombu.Connection(amqp_url).info()["userid"]
+        raise CredentialsError(
+            f"RabbitMQ refused the login of user {user} at {redacted_url(amqp_url)} (SFX_AMQP_URL): {error.reply_text}"
+        ) from None  # the chained error would repeat nothing useful; the URL above is already redacted
+    except amqp.exceptions.NotAllowed as error:  # the login is fine but the user may not use this virtual host
+        user = kombu.Connection(amqp_url).info()["userid"]
+        raise CredentialsError(
+            f"RabbitMQ refused user {user} its virtual host at {redacted_url(amqp_url)} (SFX_AMQP_URL): "
+            f"{error.reply_text}"
+        ) from None
+    except (OSError, *kombu.Connection(amqp_url).connection_errors):
+        log.warning("broker not reachable at start; going on", url=redacted_url(amqp_url))
+    redis_url = settings.redis_url
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        client.ping()
+    except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as error:
+        user = unquote(urlsplit(redis_url).username or "") or "default"  # no user in the URL: Redis's default user
+        raise CredentialsError(
+            f"Redis refused the credentials of user {user} at {redacted_url(redis_url)} (SFX_REDIS_URL): {error}"
+        ) from None
+    except redis.ConnectionError:
+        log.warning("Redis not reachable at start; going on", url=redacted_url(redis_url))
+    finally:
+        client.close()
+
+
 def run_service(
     name: str,
     consumers: Sequence[Consumer] = (),
@@ -59,6 +109,11 @@ def run_service(
     with: the service's assembly point decides, not the module that built the consumer.
     """
     settings = settings or get_settings()
+    try:
+        check_credentials(settings)
+    except CredentialsError as error:
+        log.error("credentials refused; not starting", service=name, error=str(error))
+        return 2
     for consumer in consumers:
         consumer.use_middleware(middleware)
     stopping = stopping or threading.Event()
@@ -91,7 +146,16 @@ def run_service(
 
 
 def start_logging(name: str, settings: Settings | None = None) -> Settings:
-    """Configure logging for a service process; returns its settings."""
+    """Configure logging for a service process and check its credentials; returns its settings.
+
+    The check is here as well as in :func:`run_service` because a service's ``__main__`` builds its objects, which
+    read Redis, before it runs: wrong credentials must stop it with the clear message, not a traceback.
+    """
     settings = settings or get_settings()
     configure_logging(name, settings.log_format, settings.log_level)
+    try:
+        check_credentials(settings)
+    except CredentialsError as error:
+        log.error("credentials refused; not starting", service=name, error=str(error))
+        raise SystemExit(2) from None
     return settings

@@ -10,6 +10,7 @@ import structlog
 
 from libs.contracts.settings import get_settings
 from libs.runtime.logging import configure_logging, get_logger
+from libs.runtime.service import CredentialsError, check_credentials
 from services.analysis.job import JobError, RankWorker, gather_totals, load_spec
 
 
@@ -25,11 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("analysis", settings.log_format, settings.log_level)
     log = get_logger("services.analysis")
     try:
+        check_credentials(settings)  # a refused login ends the job at once, naming the user (never the password)
         spec = load_spec(arguments.job)
         structlog.contextvars.bind_contextvars(job_id=spec.job_id, rank=comm.Get_rank(), run_id=spec.manifest.run_id)
         worker = RankWorker(spec, comm, settings)
         progress = worker.run()
-    except JobError as error:
+    except (JobError, CredentialsError) as error:
         log.error("job cannot run", error=str(error))
         print(f"analysis job failed: {error}", file=sys.stderr)
         if comm.Get_size() > 1:
