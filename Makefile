@@ -20,6 +20,7 @@ install: $(VENV)/.installed
 
 servers: system
 	bash scripts/ensure-servers.sh
+	bash scripts/broker-roles.sh && bash scripts/redis-roles.sh  # the role users (idempotent; dev passwords unless set)
 
 lint: install
 	$(BIN)/ruff check .
