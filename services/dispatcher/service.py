@@ -36,6 +36,7 @@ from libs.contracts.messages import (
 from libs.contracts.parameters import AnalysisParameters, with_overrides
 from libs.contracts.settings import Settings
 from libs.runtime.bus import Consumer, Publisher, Topology
+from libs.runtime.bus.middleware import current_delivery
 from libs.runtime.logging import get_logger
 from libs.runtime.state import LiveState
 from services.dispatcher.backends import Backend, BackendError, BackendJobStatus, RunState
@@ -160,8 +161,11 @@ class Dispatcher:
             self._queue(spec, f"new run {manifest.run_id} ({'live' if manifest.live else 'complete'})")
             self._schedule()
 
-    def handle_reprocess(self, request: ReprocessRequest) -> None:
-        """Queue a job per run under the request's trial; the live trial is not touched."""
+    def handle_reprocess(self, request: ReprocessRequest, sender: str | None = None) -> None:
+        """Queue a job per run under the request's trial; the live trial is not touched.
+
+        ``sender`` is the broker-checked user who published the request (None: not known), recorded in the reason.
+        """
         try:
             with_overrides(AnalysisParameters(), request.parameters)
         except ValueError as error:
@@ -194,11 +198,11 @@ class Dispatcher:
                     parameters=request.parameters,
                     priority=Priority.REPROCESS,
                 )
-                self._queue(spec, f"reprocess requested by {request.requested_by or 'an operator'}")
+                self._queue(spec, f"reprocess requested by {_requester(sender)}")
             self._schedule()
 
-    def handle_cancel(self, request: CancelRequest) -> None:
-        who = request.requested_by or "an operator"
+    def handle_cancel(self, request: CancelRequest, sender: str | None = None) -> None:
+        """End a queued or running job for good; ``sender`` as in :meth:`handle_reprocess`."""
         with self._lock:
             tracked = self.jobs.pop(request.job_id, None)
             if tracked is None:
@@ -209,7 +213,7 @@ class Dispatcher:
                     status=saved.status.value if saved else "unknown",
                 )
                 return
-            reason = f"cancelled by {who}"
+            reason = f"cancelled by a cancel request, requested by {_requester(sender)}"
             if tracked.state.status in RUNNING:
                 self._stop(request.job_id)
                 tracked.state = self._with_progress(tracked.state)
@@ -219,10 +223,14 @@ class Dispatcher:
             self._schedule()
 
     def handle_control(self, message: ReprocessRequest | CancelRequest) -> None:
+        # The sender is the message's user_id, which the broker checked against the publisher's login; the body's
+        # requested_by is whatever the publisher wrote, so it is never taken for who asked.
+        delivery = current_delivery()
+        sender = delivery.user_id if delivery is not None else None
         if isinstance(message, CancelRequest):
-            self.handle_cancel(message)
+            self.handle_cancel(message, sender)
         else:
-            self.handle_reprocess(message)
+            self.handle_reprocess(message, sender)
 
     def _queue(self, spec: JobSpec, reason: str) -> None:
         state = JobState(
@@ -523,6 +531,11 @@ def _failure_summary(status: BackendJobStatus) -> str:
     errors = [line for line in lines if "failed" in line.lower() or "error" in line.lower()]
     said = (errors or lines or ["no output"])[-1]
     return f"{status.state.value} (exit code {status.exit_code}): {said[:400]}"
+
+
+def _requester(sender: str | None) -> str:
+    """Who asked, for a job's reason: the broker user, or a warning that nobody vouches for the request."""
+    return sender if sender else "an unverified user"
 
 
 def _without_wait_time(reason: str) -> str:
