@@ -8,15 +8,10 @@ The jobs read their settings from the environment, which every backend passes on
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
 
 from libs.contracts.messages import JobSpec, RunManifest
@@ -32,6 +27,7 @@ from services.dispatcher.backends import (
 )
 from services.dispatcher.backends.local import LocalMpiBackend, process_start_time
 from tests.conftest import wait_until
+from tests.support.runs import Runs, write_runs
 
 pytestmark = pytest.mark.slow  # mpiexec jobs, about a minute
 
@@ -41,27 +37,9 @@ CELL = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)
 SPACE_GROUP = "P 43 21 2"
 
 
-@dataclass(frozen=True)
-class Runs:
-    complete: Path  # two frames, marked complete: a job on it ends by itself
-    growing: Path  # the same two frames, marked still being written: a live job on it waits for more until cancelled
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
-    folder = tmp_path_factory.mktemp("runs")
-    complete = folder / "run_done.h5"
-    subprocess.run(
-        [sys.executable, "-m", "sfx", "simulate", "--out", str(complete), "--frames", "2", "--seed", "5"],
-        check=True,
-        capture_output=True,
-        cwd=REPO,
-    )
-    growing = folder / "run_growing.h5"
-    shutil.copyfile(complete, growing)
-    with h5py.File(growing, "r+") as file:
-        file["/entry/run_complete"][()] = np.int8(0)  # as a detector leaves it while writing
-    return Runs(complete=complete, growing=growing)
+    return write_runs(tmp_path_factory.mktemp("runs"))
 
 
 @pytest.fixture(params=sorted(BACKENDS))

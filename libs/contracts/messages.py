@@ -25,6 +25,9 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 MAX_FRAMES_PER_RUN = 10_000_000
 """Frame indices stay below this (about a day at 120 Hz): a forged index cannot make Redis allocate a huge bitmap."""
 
+QUARANTINE_AFTER_CRASHES = 2
+"""A frame in flight when this many attempts of its job crashed is quarantined: reported as an error, not retried."""
+
 RunId = Annotated[
     str,
     Field(
@@ -131,7 +134,17 @@ class JobSpec(Message):
     priority: Priority = Priority.LIVE
     ranks: int = Field(1, ge=1, le=100_000)
     attempt: int = Field(0, ge=0)
+    frame_crashes: dict[int, int] = Field(
+        default_factory=dict,
+        max_length=10_000,
+        description="Frames that were being analysed when an earlier attempt crashed, with how many times; "
+        f"a frame at {QUARANTINE_AFTER_CRASHES} or more is not analysed again but reported as an error",
+    )
     created_at: float = Field(default_factory=now)
+
+    def quarantined(self) -> frozenset[int]:
+        """Frames this attempt reports as errors instead of analysing (they crashed earlier attempts)."""
+        return frozenset(frame for frame, crashes in self.frame_crashes.items() if crashes >= QUARANTINE_AFTER_CRASHES)
 
 
 class JobStatus(StrEnum):

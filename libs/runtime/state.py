@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
@@ -134,6 +135,9 @@ class Keys:
 
     def job_spec(self, job_id: str) -> str:
         return f"{self.job(job_id)}:spec"
+
+    def job_inflight(self, job_id: str) -> str:
+        return f"{self.job(job_id)}:inflight"
 
     def slot_history(self) -> str:
         return f"{self.namespace}:dispatcher:slot-history"
@@ -366,6 +370,25 @@ class LiveState:
     def clear_rank_status(self, job_id: str) -> None:
         """Forget the ranks of an earlier attempt, so the next attempt's totals are its own."""
         self.redis.delete(self.keys.job_ranks(job_id))
+
+    def mark_inflight(self, job_id: str, rank: int, frame_index: int | None) -> None:
+        """Which frame a rank is analysing now (None: none), so a crash can be pinned on its frame."""
+        key = self.keys.job_inflight(job_id)
+        if frame_index is None:
+            self.redis.hdel(key, str(rank))
+            return
+        pipeline = self.redis.pipeline(transaction=False)
+        pipeline.hset(key, str(rank), json.dumps({"frame": frame_index, "pid": os.getpid()}))
+        pipeline.expire(key, self.ttl)
+        pipeline.execute()
+
+    def inflight(self, job_id: str) -> dict[int, dict[str, int]]:
+        """Rank → {"frame", "pid"} of the frames the job's ranks were analysing (left behind by a crash)."""
+        raw: dict[bytes, bytes] = self.redis.hgetall(self.keys.job_inflight(job_id))  # type: ignore[assignment]
+        return {int(rank): json.loads(value) for rank, value in raw.items()}
+
+    def clear_inflight(self, job_id: str) -> None:
+        self.redis.delete(self.keys.job_inflight(job_id))
 
     def rank_status(self, job_id: str) -> dict[int, dict[str, Any]]:
         raw: dict[bytes, bytes] = self.redis.hgetall(self.keys.job_ranks(job_id))  # type: ignore[assignment]

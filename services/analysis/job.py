@@ -95,6 +95,7 @@ class RankWorker:
         # Frames counted under this trial before the job started (a job resumed after preemption) are skipped.
         # One read at start keeps Redis off the per-frame path.
         self.done_before = self.state.seen_frames(spec.manifest.run_id, spec.trial)
+        self.quarantined = spec.quarantined()
         self.host = socket.gethostname()
 
     def run(self) -> RankProgress:
@@ -113,6 +114,7 @@ class RankWorker:
                     raise JobError(f"run {manifest.run_id}, trial {self.spec.trial}: {error}") from error
                 self._loop(reader, context, counter, publisher)
             self._flush(publisher, force=True)
+            self._mark_inflight(None)
         finally:
             publisher.close()
             self.comm.Barrier()
@@ -127,6 +129,10 @@ class RankWorker:
                 if index < len(self.done_before) and self.done_before[index]:
                     self.progress.skipped += 1
                     continue
+                if index in self.quarantined:
+                    self.progress.pending.append(self._quarantined(index))
+                    continue
+                self._mark_inflight(index)
                 self.progress.pending.append(self._process(reader, context, index))
                 self._flush(publisher)
 
@@ -159,6 +165,31 @@ class RankWorker:
             log.warning("cannot read the run's state; waiting", run_id=self.spec.manifest.run_id, error=str(error))
             return False
         return latest is not None and not latest.live and latest.revision >= self.spec.manifest.revision
+
+    def _mark_inflight(self, index: int | None) -> None:
+        """One Redis write per frame: if this rank dies on the frame, the dispatcher learns which one."""
+        try:
+            self.state.mark_inflight(self.spec.job_id, self.rank, index)
+        except redis.RedisError as error:  # without Redis a crash is not pinned on its frame; the work goes on
+            log.debug("cannot mark the frame in flight", frame_index=index, error=str(error))
+
+    def _quarantined(self, index: int) -> FrameResult:
+        """The error record of a frame that crashed earlier attempts: reported, not analysed again."""
+        crashes = self.spec.frame_crashes.get(index, 0)
+        self.progress.failed += 1
+        self.progress.frames += 1
+        log.error("frame quarantined", frame_index=index, crashes=crashes)
+        moment = time.time()
+        return FrameResult(
+            run_id=self.spec.manifest.run_id,
+            trial=self.spec.trial,
+            frame_index=index,
+            job_id=self.spec.job_id,
+            started_at=moment,
+            finished_at=moment,
+            rank=self.rank,
+            error=f"quarantined: the analysis crashed on this frame in {crashes} attempts of job {self.spec.job_id}",
+        )
 
     def _process(self, reader: RunReader, context: AnalysisContext, index: int) -> FrameResult:
         manifest = self.spec.manifest

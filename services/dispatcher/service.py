@@ -4,13 +4,16 @@ A manifest of a new run queues ``<run>.live`` (priority live); an operator's Rep
 for each of its runs (priority reprocess) with the request's parameter overrides; a CancelRequest ends a job. Every
 second, and whenever a request arrives, the dispatcher polls its backend once for all of its jobs, asks
 :func:`services.dispatcher.scheduling.plan` which queued jobs start (with how many ranks) and which reprocessing jobs
-give way, logs each decision with its reason, and records every change of a job in Redis and as a JobState.
+give way, logs each decision with its reason, and records every change of a job: in its job record on disk
+(services.dispatcher.records: the dispatcher's own durable account), in Redis (the live view), and as a published
+JobState; a state whose publish was not confirmed is published again at the next poll.
 
 A preempted job is stopped through the backend and queued again with its original queue time; its next attempt skips
 the frames already counted under its trial, and the merger counts a frame once whoever publishes it. A failed attempt
 is retried after a backoff that doubles, up to ``settings.job_retries`` times; then the job fails with the last error.
-A restarted dispatcher rebuilds its queue from the job states and specs in Redis and adopts the jobs its backend still
-runs: no job is forgotten or started twice.
+A restarted dispatcher rebuilds its queue from its job records (and puts them back into an emptied Redis) and adopts
+the jobs its backend still runs: no job is forgotten or started twice. A live job that ended because its run stopped
+growing is queued again when the run grows after all.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,11 +39,12 @@ from libs.contracts.messages import (
 )
 from libs.contracts.parameters import AnalysisParameters, with_overrides
 from libs.contracts.settings import Settings
-from libs.runtime.bus import Consumer, Publisher, Topology
+from libs.runtime.bus import Consumer, Publisher, PublishError, Topology
 from libs.runtime.bus.middleware import current_delivery
 from libs.runtime.logging import get_logger
 from libs.runtime.state import LiveState
 from services.dispatcher.backends import Backend, BackendError, BackendJobStatus, RunState
+from services.dispatcher.records import JobRecord, JobRecords
 from services.dispatcher.scheduling import (
     PendingJob,
     ReservationExceededError,
@@ -91,22 +96,32 @@ class Dispatcher:
         self._recent: deque[str] = deque(maxlen=COST_JOBS)
         self._costs: FrameCosts | None = None
         self._costs_at = 0.0
+        self.records = JobRecords(settings.work_dir / "dispatcher" / "jobs")
+        self._unpublished: set[str] = set()  # jobs whose latest state is saved but not confirmed as published
         self._rebuild()
 
     # -- restart -----------------------------------------------------------------------------------------------
 
     def _rebuild(self) -> None:
-        """Queue and running jobs from Redis, checked against what the backend still runs."""
+        """Queue and running jobs from the job records (Redis only for jobs recorded before the records existed),
+        checked against what the backend still runs; Redis gets back what it lost."""
         backend_view = self.backend.poll()
-        known = self.state.jobs()
+        records = {record.state.job_id: record for record in self.records.all()}
+        for saved in self.state.jobs():
+            if saved.job_id not in records:
+                records[saved.job_id] = JobRecord(spec=self.state.job_spec(saved.job_id), state=saved, published=True)
+                self.records.save(records[saved.job_id])
+        self._restore_live_state(records.values())
+        known = sorted((record.state for record in records.values()), key=lambda state: -state.updated_at)
+        self._unpublished = {job_id for job_id, record in records.items() if not record.published}
         self._recent.extend(reversed(recent_job_ids(known)))
         for saved in known:
             if saved.status in FINAL:
                 continue
-            spec = self.state.job_spec(saved.job_id)
+            spec = records[saved.job_id].spec
             if spec is None:
-                log.error("job has no spec in Redis; it cannot be restarted", job_id=saved.job_id)
-                self._record(self._ended(saved, JobStatus.FAILED, "its JobSpec is missing from Redis"))
+                log.error("job has no spec; it cannot be restarted", job_id=saved.job_id)
+                self._record(self._ended(saved, JobStatus.FAILED, "its JobSpec is missing"))
                 continue
             tracked = TrackedJob(spec=spec, state=saved)
             seen = backend_view.get(saved.job_id)
@@ -123,6 +138,18 @@ class Dispatcher:
         running = [job.state.job_id for job in self.jobs.values() if job.state.status in RUNNING]
         queued = [job.state.job_id for job in self.jobs.values() if job.state.status in WAITING]
         log.info("dispatcher state rebuilt", running=running, queued=queued, reservation=self._describe_reservation())
+
+    def _restore_live_state(self, records: Iterable[JobRecord]) -> None:
+        """Put jobs back into Redis that it no longer holds (a restart without persistence)."""
+        restored = 0
+        for record in records:
+            if self.state.job(record.state.job_id) is None:
+                self.state.save_job(record.state)
+                if record.spec is not None:
+                    self.state.save_job_spec(record.spec)
+                restored += 1
+        if restored:
+            log.warning("jobs put back into the live state from the job records", jobs=restored)
 
     def _repair_slot_ids(self) -> None:
         """Give adopted jobs whose slot numbers were not saved the lowest free ones."""
@@ -152,10 +179,20 @@ class Dispatcher:
                     # A queued job starts with what is known now (a complete run is sized by its frame count).
                     tracked.spec = tracked.spec.model_copy(update={"manifest": manifest})
                     tracked.wanted_ranks = None
-                    self.state.save_job_spec(tracked.spec)
+                    self._save_spec(tracked)
                 return  # a running job follows its growing files by itself
-            if self.state.job(job_id) is not None:
-                log.debug("run already processed", job_id=job_id)
+            previous = self.records.get(job_id)
+            if previous is not None:
+                covered = previous.state.frames_total
+                grew = manifest.frame_count is not None and covered is not None and manifest.frame_count > covered
+                if previous.state.status is JobStatus.SUCCEEDED and grew:
+                    # The live job ended (the run stopped growing for the live timeout) and frames came after:
+                    # process them; the analysis skips the frames already counted.
+                    spec = JobSpec(job_id=job_id, manifest=manifest, trial="live", priority=Priority.LIVE)
+                    self._queue(spec, f"run {manifest.run_id} grew to {manifest.frame_count} frames after its job")
+                    self._schedule()
+                else:
+                    log.debug("run already processed", job_id=job_id)
                 return
             spec = JobSpec(job_id=job_id, manifest=manifest, trial="live", priority=Priority.LIVE)
             self._queue(spec, f"new run {manifest.run_id} ({'live' if manifest.live else 'complete'})")
@@ -184,8 +221,8 @@ class Dispatcher:
                 if job_id in self.jobs:
                     log.warning("reprocess request repeats a queued or running job; ignored", job_id=job_id)
                     continue
-                previous = self.state.job(job_id)
-                if previous is not None and previous.status is JobStatus.SUCCEEDED:
+                previous = self.records.get(job_id)
+                if previous is not None and previous.state.status is JobStatus.SUCCEEDED:
                     log.error(
                         "reprocess request names a trial this run already has; ignored (name a new trial)",
                         job_id=job_id,
@@ -250,8 +287,8 @@ class Dispatcher:
     def _refuse(self, run_id: str, trial: str, reason: str) -> None:
         job_id = job_id_for(run_id, trial)
         with self._lock:
-            previous = self.state.job(job_id)
-            if job_id in self.jobs or (previous is not None and previous.status is JobStatus.SUCCEEDED):
+            previous = self.records.get(job_id)
+            if job_id in self.jobs or (previous is not None and previous.state.status is JobStatus.SUCCEEDED):
                 return  # a bad request must not overwrite a job that is under way or done
             state = JobState(job_id=job_id, run_id=run_id, trial=trial, status=JobStatus.FAILED, reason=reason)
             self._record(state.model_copy(update={"priority": Priority.REPROCESS}))
@@ -261,6 +298,7 @@ class Dispatcher:
     def poll(self) -> None:
         """One backend poll for all jobs; record what ended; then schedule."""
         with self._lock:  # polled under the lock: a job started meanwhile would look lost
+            self._publish_unpublished()
             statuses = self.backend.poll()
             for job_id, tracked in list(self.jobs.items()):
                 if tracked.state.status not in RUNNING:
@@ -367,8 +405,9 @@ class Dispatcher:
         slot_ids = assign_slots(held, ranks, self.reservation.capacity)
         spec = tracked.spec.model_copy(update={"ranks": ranks, "attempt": tracked.state.attempt})
         self.state.clear_rank_status(spec.job_id)
-        self.state.save_job_spec(spec)
+        self.state.clear_inflight(spec.job_id)
         tracked.spec = spec
+        self._save_spec(tracked)
         try:
             backend_id = self.backend.start(spec)
         except BackendError as error:
@@ -423,6 +462,7 @@ class Dispatcher:
             state = self._with_progress(state)
             self._record_slot_use(state, "failed")
             self._stop(job_id)  # make sure nothing of a "lost" job runs on beside its retry
+            self._count_crashed_frames(tracked)
         failures = state.attempt + 1
         attempts = self.settings.job_retries + 1
         if failures <= self.settings.job_retries:
@@ -446,6 +486,25 @@ class Dispatcher:
         del self.jobs[job_id]
         log.error("job failed", job_id=job_id, reason=reason)
         self._record(self._ended(state.model_copy(update={"attempt": failures}), JobStatus.FAILED, reason))
+
+    def _count_crashed_frames(self, tracked: TrackedJob) -> None:
+        """Charge the frames a failed attempt's ranks were analysing; one that keeps crashing is quarantined."""
+        inflight = self.state.inflight(tracked.state.job_id)
+        if not inflight:
+            return
+        crashes = dict(tracked.spec.frame_crashes)
+        for rank in inflight.values():
+            frame = int(rank["frame"])
+            crashes[frame] = crashes.get(frame, 0) + 1
+        tracked.spec = tracked.spec.model_copy(update={"frame_crashes": crashes})
+        self.state.clear_inflight(tracked.state.job_id)
+        self._save_spec(tracked)
+        log.warning(
+            "frames in flight when the attempt failed",
+            job_id=tracked.state.job_id,
+            frames=sorted(int(rank["frame"]) for rank in inflight.values()),
+            quarantined=sorted(tracked.spec.quarantined()),
+        )
 
     def _stop(self, job_id: str) -> None:
         """Stop a job through the backend and leave it out of future polls."""
@@ -488,9 +547,44 @@ class Dispatcher:
         )
 
     def _record(self, state: JobState) -> None:
+        """Save a job's new state (record, then Redis), then publish it; an unconfirmed publish is retried later."""
         state = state.model_copy(update={"updated_at": now()})
+        tracked = self.jobs.get(state.job_id)
+        spec: JobSpec | None = tracked.spec if tracked is not None else None
+        if spec is None:  # ended and dropped from the queue: its spec is in its record
+            previous = self.records.get(state.job_id)
+            spec = previous.spec if previous is not None else None
+        record = JobRecord(spec=spec, state=state, published=False)
+        self.records.save(record)
         self.state.save_job(state)
-        self.publisher.publish(state)
+        self._unpublished.add(state.job_id)
+        self._publish(record)
+
+    def _publish(self, record: JobRecord) -> None:
+        try:
+            self.publisher.publish(record.state)
+        except PublishError as error:
+            log.error("job state not published; retried at the next poll", job_id=record.state.job_id, error=str(error))
+            return
+        self.records.save(record.model_copy(update={"published": True}))
+        self._unpublished.discard(record.state.job_id)
+
+    def _publish_unpublished(self) -> None:
+        """The outbox: publish again every saved state whose publish was not confirmed (crash or broker outage)."""
+        for job_id in sorted(self._unpublished):
+            record = self.records.get(job_id)
+            if record is None or record.published:
+                self._unpublished.discard(job_id)
+                continue
+            log.info("publishing a job state saved before a crash or outage", job_id=job_id)
+            self._publish(record)
+
+    def _save_spec(self, tracked: TrackedJob) -> None:
+        """A job's spec changed (queued manifest, ranks and attempt at start): Redis and the record."""
+        self.state.save_job_spec(tracked.spec)
+        previous = self.records.get(tracked.state.job_id)
+        published = previous.published if previous is not None else False
+        self.records.save(JobRecord(spec=tracked.spec, state=tracked.state, published=published))
 
     # -- service plumbing ------------------------------------------------------------------------------------------
 
