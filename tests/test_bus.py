@@ -21,6 +21,7 @@ from libs.contracts.messages import (
     JobStatus,
     MergeUpdate,
     Message,
+    MessageError,
     ReflectionTable,
     ReprocessRequest,
     RunManifest,
@@ -608,3 +609,23 @@ def test_a_publisher_waits_out_a_broker_outage_as_long_as_its_setting_allows(set
         with pytest.raises(PublishError, match=r"within 1\.0 s"), Publisher(impatient) as publisher:
             publisher.publish(frame_result(2))
     wait_until(lambda: queue_depth(settings, "merger.frames")[0] == 2, 10, "both confirmed results queued")
+
+
+def test_a_message_its_handler_refuses_as_invalid_is_dead_lettered_on_first_delivery(
+    settings: Settings, scratch_queues: list[kombu.Queue]
+) -> None:
+    queue = Topology(settings).work_queue("refusing", "runs", ["manifest.#"])
+    scratch_queues.append(queue)
+    calls: list[str] = []
+
+    def refuses(manifest: RunManifest) -> None:
+        calls.append(manifest.run_id)
+        raise MessageError(f"run {manifest.run_id} names a frame beyond its end")
+
+    consumer = Consumer(queue, RunManifest, refuses, settings=settings)
+    with running(consumer), Publisher(settings) as publisher:
+        publisher.publish(RunManifest(run_id="r3", files=["/data/r3.h5"], file_format="nxmx"))
+        wait_until(lambda: consumer.metrics.snapshot()["messages_dead_lettered_total"] == 1, 10, "a dead letter")
+    assert calls == ["r3"], "retried although the message itself is at fault"
+    (letter,) = dead_letters(settings)
+    assert "beyond its end" in letter.headers[HEADER_ERROR]

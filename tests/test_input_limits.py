@@ -23,6 +23,7 @@ from libs.contracts.messages import (
     ReprocessRequest,
     decode_message,
 )
+from libs.contracts.parameters import AnalysisParameters, with_overrides
 
 
 def frame(**fields: object) -> dict[str, object]:
@@ -99,3 +100,20 @@ def test_ordinary_ids_still_pass() -> None:
     for run_id in ("r0042", "run_1.h5", "exp:run-7", "_tmp"):
         for trial in ("live", "sigma.4", "t-2", "_a"):
             assert isinstance(decode_message(json.dumps(frame(run_id=run_id, trial=trial))), FrameResult)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"indexing.max_seed_pairs": 10**12},
+        {"indexing.max_candidates": 10**9},
+        {"spotfinding.sigma_strong": float("inf")},
+        {"spotfinding.gain": float("nan")},
+        {"integration.background_radius": 1e6},
+        {"hitfinding.min_spots": 10**9},
+    ],
+)
+def test_analysis_parameters_that_ask_for_unbounded_work_are_refused_naming_them(override: dict[str, object]) -> None:
+    (name,) = override
+    with pytest.raises(ValueError, match=name.split(".")[1]):
+        with_overrides(AnalysisParameters(), override)

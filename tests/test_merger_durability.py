@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from libs.contracts.datasets import dataset_id_for
-from libs.contracts.messages import FrameResult, JobState, JobStatus, RunManifest
+from libs.contracts.messages import FrameResult, JobState, JobStatus, MessageError, RunManifest
 from libs.contracts.settings import Settings
 from libs.runtime.durable import Journal
 from libs.runtime.state import LiveState
@@ -194,3 +194,13 @@ def test_a_running_merger_recounts_its_journal_when_redis_restarts_empty(merger_
     state.delete_namespace()
     merger.tick()
     assert state.counters("r1", "live") == expected
+
+
+def test_a_result_beyond_the_frames_of_its_run_is_refused_as_a_bad_message(merger_settings: Settings) -> None:
+    state = LiveState(merger_settings)
+    announce(state, "r1")
+    merger = Merger(merger_settings)
+    forged = results_of("r1")[0].model_copy(update={"frame_index": FRAMES})
+    with pytest.raises(MessageError, match=f"frame_index {FRAMES} is beyond run r1, which has {FRAMES} frames"):
+        merger.handle_result(forged)
+    assert state.frames_seen("r1", "live") == 0

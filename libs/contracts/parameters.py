@@ -18,7 +18,8 @@ class ParameterError(ValueError):
 
 
 class _Stage(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # Every number bounded and finite: an override from the bus (sfx reprocess --set) cannot ask for unbounded work.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 class SpotfindingParameters(_Stage):
@@ -26,21 +27,34 @@ class SpotfindingParameters(_Stage):
 
     kernel_half_size: int = Field(3, ge=1, le=10, description="k of the (2k+1)² local window (3: 7 × 7 pixels)")
     sigma_background: float = Field(
-        6.0, gt=0, description="A pixel's window must have variance/mean > gain·(1 + sigma_background·sqrt(2/(m-1)))"
+        6.0,
+        gt=0,
+        le=100,
+        description="A pixel's window must have variance/mean > gain·(1 + sigma_background·sqrt(2/(m-1)))",
     )
-    sigma_strong: float = Field(3.0, gt=0, description="A strong pixel has I - mean > sigma_strong·sqrt(gain·mean)")
-    global_threshold: float = Field(0.0, ge=0, description="A strong pixel also has I > global_threshold (counts)")
-    gain: float = Field(1.0, gt=0, description="Detector gain (counts per photon); a per-pixel map may be passed")
+    sigma_strong: float = Field(
+        3.0, gt=0, le=100, description="A strong pixel has I - mean > sigma_strong·sqrt(gain·mean)"
+    )
+    global_threshold: float = Field(
+        0.0, ge=0, le=1e9, description="A strong pixel also has I > global_threshold (counts)"
+    )
+    gain: float = Field(
+        1.0, gt=0, le=1e6, description="Detector gain (counts per photon); a per-pixel map may be passed"
+    )
     min_local_pixels: int = Field(
-        2, ge=2, description="Windows with fewer valid pixels than this never yield a strong pixel"
+        2, ge=2, le=441, description="Windows with fewer valid pixels than this never yield a strong pixel"
     )
-    min_spot_size: int = Field(2, ge=1, description="Connected strong regions with fewer pixels are discarded")
-    max_spot_size: int = Field(500, ge=1, description="Connected strong regions with more pixels are discarded")
+    min_spot_size: int = Field(
+        2, ge=1, le=10_000, description="Connected strong regions with fewer pixels are discarded"
+    )
+    max_spot_size: int = Field(
+        500, ge=1, le=100_000, description="Connected strong regions with more pixels are discarded"
+    )
     overload: float = Field(
-        1.0e9, gt=0, description="Counts at or above this are saturated: treated as masked for thresholding"
+        1.0e9, gt=0, le=1e12, description="Counts at or above this are saturated: treated as masked for thresholding"
     )
-    d_min: float | None = Field(None, gt=0, description="Ignore spots at higher resolution than this (Å)")
-    d_max: float | None = Field(None, gt=0, description="Ignore spots at lower resolution than this (Å)")
+    d_min: float | None = Field(None, gt=0, le=1000, description="Ignore spots at higher resolution than this (Å)")
+    d_max: float | None = Field(None, gt=0, le=10_000, description="Ignore spots at lower resolution than this (Å)")
 
     @model_validator(mode="after")
     def _check(self) -> SpotfindingParameters:
@@ -54,7 +68,7 @@ class SpotfindingParameters(_Stage):
 class HitfindingParameters(_Stage):
     """A frame is a hit when it has enough spots."""
 
-    min_spots: int = Field(15, ge=1, description="Spots a frame needs to count as a hit")
+    min_spots: int = Field(15, ge=1, le=10_000, description="Spots a frame needs to count as a hit")
     resolution_quantile: float = Field(
         0.95, gt=0, le=1, description="Resolution estimate: this quantile of the spots' 1/d, reported as d (Å)"
     )
@@ -64,22 +78,24 @@ class IndexingParameters(_Stage):
     """Stills indexing with a known cell: orientations from pairs of low-resolution spots, scored on all spots."""
 
     seed_spots: int = Field(10, ge=2, le=40, description="Lowest-resolution spots whose pairs propose orientations")
-    max_seed_pairs: int = Field(30, ge=1, description="Spot pairs tried before giving up")
+    max_seed_pairs: int = Field(30, ge=1, le=1000, description="Spot pairs tried before giving up")
     length_tolerance: float = Field(
         0.012, gt=0, lt=0.2, description="Relative tolerance matching a spot's |r| to a lattice vector's length"
     )
     angle_tolerance: float = Field(1.5, gt=0, lt=20, description="Degrees: tolerance matching an inter-spot angle")
     max_pair_matches: int = Field(
-        20_000, ge=1, description="Skip a seed pair whose spots match more lattice-vector pairs than this"
+        20_000, ge=1, le=1_000_000, description="Skip a seed pair whose spots match more lattice-vector pairs than this"
     )
-    max_candidates: int = Field(3_000, ge=1, description="Orientations scored before giving up on a frame")
+    max_candidates: int = Field(3_000, ge=1, le=100_000, description="Orientations scored before giving up on a frame")
     hkl_tolerance: float = Field(
         0.2, gt=0, lt=0.5, description="A spot is indexed when every fractional Miller index is this close to integer"
     )
-    min_indexed: int = Field(12, ge=3, description="Spots an accepted orientation must index")
+    min_indexed: int = Field(12, ge=3, le=10_000, description="Spots an accepted orientation must index")
     min_indexed_fraction: float = Field(0.4, gt=0, le=1, description="Fraction of the spots it must index")
-    max_rmsd_pixels: float = Field(1.5, gt=0, description="Positional RMSD above which a solution is rejected")
-    max_spots: int = Field(300, ge=10, description="Only the strongest spots are used (keeps the cost bounded)")
+    max_rmsd_pixels: float = Field(1.5, gt=0, le=100, description="Positional RMSD above which a solution is rejected")
+    max_spots: int = Field(
+        300, ge=10, le=10_000, description="Only the strongest spots are used (keeps the cost bounded)"
+    )
 
 
 class RefinementParameters(_Stage):
@@ -87,29 +103,36 @@ class RefinementParameters(_Stage):
 
     refine_cell: bool = Field(True, description="Refine the cell, constrained to the space group's lattice system")
     delta_psi_sigma_degrees: float = Field(
-        0.1, gt=0, description="Initial mosaic spread (degrees) weighting Δψ, until the frame's own width is estimated"
+        0.1,
+        gt=0,
+        le=10,
+        description="Initial mosaic spread (degrees) weighting Δψ, until the frame's own width is estimated",
     )
-    position_sigma_mm: float = Field(0.05, gt=0, description="Weight of the position residual: expected error (mm)")
-    outlier_sigmas: float = Field(4.0, gt=1, description="Reject spots whose normalised residual exceeds this")
+    position_sigma_mm: float = Field(
+        0.05, gt=0, le=10, description="Weight of the position residual: expected error (mm)"
+    )
+    outlier_sigmas: float = Field(4.0, gt=1, le=100, description="Reject spots whose normalised residual exceeds this")
     max_cycles: int = Field(3, ge=1, le=10, description="Rounds of refinement and outlier rejection")
 
 
 class IntegrationParameters(_Stage):
     """Prediction near the Ewald sphere and summation integration with a background plane."""
 
-    d_min: float | None = Field(None, gt=0, description="Predict no reflection beyond this resolution (Å)")
+    d_min: float | None = Field(None, gt=0, le=1000, description="Predict no reflection beyond this resolution (Å)")
     excitation_width_factor: float = Field(
-        2.5, gt=0, description="Predict reflections within this many estimated widths of the Ewald sphere"
+        2.5, gt=0, le=20, description="Predict reflections within this many estimated widths of the Ewald sphere"
     )
-    foreground_radius: float = Field(3.0, gt=0.5, description="Pixels within this radius of the prediction (px)")
-    background_radius: float = Field(7.0, gt=1, description="Outer radius of the background ring (px)")
-    min_background_pixels: int = Field(20, ge=4, description="Fewer valid background pixels: reflection flagged")
+    foreground_radius: float = Field(3.0, gt=0.5, le=50, description="Pixels within this radius of the prediction (px)")
+    background_radius: float = Field(7.0, gt=1, le=100, description="Outer radius of the background ring (px)")
+    min_background_pixels: int = Field(
+        20, ge=4, le=10_000, description="Fewer valid background pixels: reflection flagged"
+    )
     adaptive_radius: bool = Field(
         True,
         description="Widen both radii for broad spots: foreground radius at least 3 σ of the spots' median "
         "major-axis width measured on the frame (at most 10 px), the ring kept as wide as configured",
     )
-    overload: float = Field(1.0e9, gt=0, description="Counts at or above this make a reflection overloaded")
+    overload: float = Field(1.0e9, gt=0, le=1e12, description="Counts at or above this make a reflection overloaded")
     min_partiality: float = Field(0.05, ge=0, lt=1, description="Reflections predicted less recorded are skipped")
 
     @model_validator(mode="after")

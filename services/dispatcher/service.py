@@ -39,8 +39,7 @@ from libs.contracts.messages import (
 )
 from libs.contracts.parameters import AnalysisParameters, with_overrides
 from libs.contracts.settings import Settings
-from libs.runtime.bus import Consumer, Publisher, PublishError, Topology
-from libs.runtime.bus.middleware import current_delivery
+from libs.runtime.bus import Consumer, Publisher, PublishError, Topology, current_delivery
 from libs.runtime.logging import get_logger
 from libs.runtime.state import LiveState
 from services.dispatcher.backends import Backend, BackendError, BackendJobStatus, RunState

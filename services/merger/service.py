@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from libs.contracts.datasets import dataset_id_for
-from libs.contracts.messages import FrameResult, JobState, JobStatus, MergeUpdate, RunManifest, decode_message
+from libs.contracts.messages import (
+    FrameResult,
+    JobState,
+    JobStatus,
+    MergeUpdate,
+    MessageError,
+    RunManifest,
+    decode_message,
+)
 from libs.contracts.naming import escape_word
 from libs.contracts.settings import Settings
 from libs.runtime.bus import Consumer, Publisher, Topology
@@ -160,6 +168,9 @@ class Merger:
 
     def handle_result(self, result: FrameResult) -> None:
         manifest = self._manifest(result.run_id)
+        if not manifest.live and manifest.frame_count is not None and result.frame_index >= manifest.frame_count:
+            beyond = f"frame_index {result.frame_index} is beyond run {result.run_id}"
+            raise MessageError(f"{beyond}, which has {manifest.frame_count} frames")
         with self._lock:
             dataset = self._dataset_for(manifest, result.trial)
             self.run_dataset[(result.run_id, result.trial)] = (dataset.dataset_id, dataset.trial)

@@ -74,6 +74,7 @@ from libs.runtime.bus.middleware import (
     Delivery,
     HandlerCall,
     Middleware,
+    current_delivery,
     logging_middleware,
     metrics_middleware,
 )
@@ -140,6 +141,7 @@ __all__ = [
     "body_bytes",
     "cancel_key",
     "connect",
+    "current_delivery",
     "declare_topology",
     "escape_word",
     "frame_key",

@@ -328,6 +328,11 @@ class Consumer:
             return self._dead_letter(raw, delivery, str(error))
         try:
             self._chain(message, delivery)
+        except MessageError as error:
+            # A handler that finds the message itself at fault (an index beyond its run, say): retrying cannot help.
+            self.metrics.add("messages_invalid_total")
+            log.warning("message refused by its handler; dead-lettered", queue=self.queue.name, error=str(error))
+            return self._dead_letter(raw, delivery, str(error))
         except Exception as error:
             if retries >= self.settings.delivery_limit:
                 reason = f"handler failed on all {retries + 1} deliveries; last error: {error!r}"

@@ -280,9 +280,11 @@ class Topology:
                 try:
                     kombu_queue.bind(channel).declare()
                 except connection.channel_errors as error:
+                    # PRECONDITION_FAILED: it exists with other arguments; ACCESS_REFUSED: this user may not declare it.
                     raise BusError(
-                        f"queue {kombu_queue.name} exists with different arguments ({error}); delete it or use the "
-                        "arguments of libs/runtime/bus/topology.py"
+                        f"cannot declare queue {kombu_queue.name} ({error}): if it exists with other arguments, delete "
+                        "it or use those of libs/runtime/bus/topology.py; if access was refused, check the user's "
+                        "permissions (scripts/broker-roles.sh)"
                     ) from error
                 declared.append(kombu_queue.name)
         finally:
