@@ -629,3 +629,34 @@ def test_a_message_its_handler_refuses_as_invalid_is_dead_lettered_on_first_deli
     assert calls == ["r3"], "retried although the message itself is at fault"
     (letter,) = dead_letters(settings)
     assert "beyond its end" in letter.headers[HEADER_ERROR]
+
+
+def test_a_full_queue_slows_its_publishers_and_drops_nothing(settings: Settings) -> None:
+    """More results than the queue may hold, published while nobody consumes: the publisher waits, then all arrive."""
+    settings = settings.model_copy(update={"queue_max_messages": 100})
+    topology = Topology(settings)
+    with connect(settings) as connection:
+        topology.delete(connection)  # declared by the fixture with the default bound; this namespace gets 100
+        topology.declare(connection)
+    handled: list[int] = []
+    publishing_done = threading.Event()
+    consumer = Consumer(
+        topology.queue("merger.frames"), FrameResult, lambda r: handled.append(r.frame_index), settings=settings
+    )
+
+    def publish_all() -> None:
+        with Publisher(settings) as publisher:
+            for start in range(0, 300, 50):
+                publisher.publish_many([frame_result(i) for i in range(start, start + 50)])
+        publishing_done.set()
+
+    publishing = threading.Thread(target=publish_all)
+    publishing.start()
+    wait_until(lambda: queue_depth(settings, "merger.frames")[0] >= 100, 30, "the queue to fill")
+    assert not publishing_done.is_set(), "the publisher did not wait for room"
+    assert 100 <= queue_depth(settings, "merger.frames")[0] <= 101  # bounded (a quorum queue may take one more)
+    with running(consumer):
+        wait_until(publishing_done.is_set, 60, "every publish confirmed once there was room")
+        wait_until(lambda: len(set(handled)) == 300, 30, "every result handled")
+    publishing.join()
+    assert sorted(set(handled)) == list(range(300))

@@ -31,6 +31,13 @@ class Settings(BaseSettings):
         le=7 * 24 * 3600,
         description="How long a service or analysis rank keeps retrying a publish while the broker is unreachable",
     )
+    queue_max_messages: int = Field(
+        50_000,
+        ge=100,
+        le=10_000_000,
+        description="Messages a work queue holds at most; past that the broker refuses publishes and publishers "
+        "wait and retry (back-pressure, nothing dropped)",
+    )
     retry_delay_seconds: float = Field(
         1.0,
         gt=0,

@@ -17,10 +17,12 @@ Topology, for a namespace ``ns`` (``settings.namespace``, default ``sfx``):
   merge updates) and ``ns.control`` (reprocess and cancel requests,
   service heartbeats);
 - the dead-letter exchange ``ns.dlx`` (topic) and its queue ``ns.dead-letters`` bound with ``#``;
-- durable quorum queues (see ``SERVICE_QUEUES``) with ``x-delivery-limit`` = ``settings.delivery_limit`` and
-  ``x-dead-letter-exchange`` = ``ns.dlx``: the broker counts returns of a message (``x-delivery-count``) and
-  dead-letters it when it is returned once more after ``delivery_limit`` redeliveries (RabbitMQ 3.10: at most
-  ``delivery_limit + 1`` deliveries), so a message that kills its consumer cannot loop forever;
+- durable quorum queues (see ``SERVICE_QUEUES``) of at most ``settings.queue_max_messages`` messages
+  (``x-overflow`` ``reject-publish``: publishers are refused, wait and retry), with ``x-delivery-limit`` =
+  ``settings.delivery_limit`` and ``x-dead-letter-exchange`` = ``ns.dlx``: the broker counts returns of a message
+  (``x-delivery-count``) and dead-letters it when it is returned once more after ``delivery_limit`` redeliveries
+  (RabbitMQ 3.10: at most ``delivery_limit + 1`` deliveries), so a message that kills its consumer cannot loop
+  forever;
 - retry waiting rooms: for each of the ``delivery_limit`` retries a fanout exchange and quorum queue
   ``ns.retry.<delay>ms`` whose ``x-message-ttl`` is the n-th delay (``settings.retry_delay_seconds`` × 4ⁿ, at most
   300 s) and whose dead-letter exchange is the default one: an expired message goes back to the queue named by its

@@ -234,6 +234,10 @@ class Topology:
             "x-queue-type": "quorum",
             "x-delivery-limit": self.settings.delivery_limit,
             "x-dead-letter-exchange": self.dead_letter_exchange.name,
+            # A full queue refuses new messages (the publisher gets a nack, waits and retries) instead of growing
+            # without bound while a consumer is slow or down: back-pressure, never a dropped message.
+            "x-max-length": self.settings.queue_max_messages,
+            "x-overflow": "reject-publish",
         }
 
     def queue(self, name: str) -> kombu.Queue:
