@@ -9,14 +9,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import kombu
 import pytest
 
 from libs.contracts.datasets import dataset_id_for
-from libs.contracts.messages import FrameResult, JobState, JobStatus, MessageError, RunManifest
+from libs.contracts.messages import (
+    FrameResult,
+    JobState,
+    JobStatus,
+    MergeUpdate,
+    MessageError,
+    RunManifest,
+    decode_message,
+)
 from libs.contracts.settings import Settings
+from libs.runtime.bus import Topology, connect
 from libs.runtime.durable import Journal
 from libs.runtime.state import LiveState
 from services.merger.service import Merger
+from tests.support.faults import relay_for
 from tests.support.merging_data import synthetic_run
 
 CELL = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)
@@ -204,3 +215,33 @@ def test_a_result_beyond_the_frames_of_its_run_is_refused_as_a_bad_message(merge
     with pytest.raises(MessageError, match=f"frame_index {FRAMES} is beyond run r1, which has {FRAMES} frames"):
         merger.handle_result(forged)
     assert state.frames_seen("r1", "live") == 0
+
+
+@pytest.mark.slow
+def test_a_final_merge_update_published_during_a_broker_outage_goes_out_when_it_is_back(
+    merger_settings: Settings,
+) -> None:
+    state = LiveState(merger_settings)
+    manifest = announce(state, "r1")
+    topology = Topology(merger_settings)
+    exchange = kombu.Exchange(topology.name("results"), type="topic", durable=True)
+    queue = kombu.Queue(f"{merger_settings.namespace}.test-merges", exchange, routing_key="merge.#", auto_delete=True)
+    with relay_for(merger_settings.amqp_url) as relay, connect(merger_settings) as connection:
+        updates = connection.SimpleQueue(queue)
+        through = merger_settings.model_copy(
+            update={"amqp_url": relay.url(merger_settings.amqp_url), "broker_outage_seconds": 0.5}
+        )
+        merger = Merger(through)
+        for result in results_of("r1"):
+            merger.handle_result(result)
+        merger.handle_job_state(succeeded("r1"))
+        relay.cut()
+        merger.tick()  # the MTZ is written; its final update cannot be published
+        relay.restore()
+        merger.tick()
+        received = decode_message(updates.get(timeout=30).body, MergeUpdate)
+        while not received.final:
+            received = decode_message(updates.get(timeout=30).body, MergeUpdate)
+        assert received.dataset_id == dataset_id_for(manifest) and received.mtz_path is not None
+        updates.close()
+        merger.stop()

@@ -36,7 +36,7 @@ from libs.contracts.messages import (
 )
 from libs.contracts.naming import escape_word
 from libs.contracts.settings import Settings
-from libs.runtime.bus import Consumer, Publisher, Topology
+from libs.runtime.bus import Consumer, Publisher, PublishError, Topology
 from libs.runtime.durable import Journal, replacing, write_atomically
 from libs.runtime.logging import get_logger
 from libs.runtime.state import LiveState
@@ -105,6 +105,7 @@ class Merger:
         self._manifests: dict[str, RunManifest] = {}
         self._lock = threading.Lock()
         self._publisher: Publisher | None = None
+        self._unpublished: dict[tuple[str, str], MergeUpdate] = {}
         self.restore()
 
     # -- restart ---------------------------------------------------------------------------------------------------
@@ -279,7 +280,14 @@ class Merger:
                     updates.append(update)
         for update in updates:
             self.state.save_merge(update)
-            self.publisher.publish(update)
+            self._unpublished[(update.dataset_id, update.trial)] = update  # a newer update replaces an older one
+        for key, update in list(self._unpublished.items()):
+            try:
+                self.publisher.publish(update)
+            except PublishError as error:  # the broker is away: the latest update goes out at a later tick
+                log.error("merge update not published; retried", dataset=update.dataset_id, error=str(error))
+                break
+            del self._unpublished[key]
 
     def _tick_dataset(self, dataset: Dataset) -> MergeUpdate | None:
         if dataset.pending:
