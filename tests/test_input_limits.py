@@ -7,6 +7,7 @@ MemoryError) would be retried until the delivery limit, or crash the service.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from libs.contracts.messages import (
     decode_message,
 )
 from libs.contracts.parameters import AnalysisParameters, with_overrides
+from services.analysis.job import JobError, confined_to
 
 
 def frame(**fields: object) -> dict[str, object]:
@@ -117,3 +119,20 @@ def test_analysis_parameters_that_ask_for_unbounded_work_are_refused_naming_them
     (name,) = override
     with pytest.raises(ValueError, match=name.split(".")[1]):
         with_overrides(AnalysisParameters(), override)
+
+
+def test_run_files_outside_the_landing_directories_are_refused(tmp_path: Path) -> None:
+    landing = tmp_path / "landing"
+    confined_to([str(landing / "r1.h5"), None, str(landing / "sub" / "r1.geom")], [landing])
+    for escaping in ("/etc/shadow", str(landing / ".." / "secret.h5"), str(tmp_path / "landing-other" / "r.h5")):
+        with pytest.raises(JobError, match="outside the landing directories"):
+            confined_to([escaping], [landing])
+    confined_to(["/anywhere/r.h5"], [])  # no landing directory configured: nothing to check against
+
+
+@pytest.mark.parametrize("job_id", ["../../x", "/etc/x", "a/b", ".."])
+def test_a_job_id_that_could_name_a_folder_outside_the_jobs_is_refused(job_id: str) -> None:
+    with pytest.raises(ValueError, match="job_id"):
+        JobState(job_id=job_id, run_id="r1", trial="live", status=JobStatus.QUEUED)
+    with pytest.raises(MessageError, match="job_id"):
+        decode_message(json.dumps({"type": "cancel_request", "job_id": job_id}))

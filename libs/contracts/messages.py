@@ -37,6 +37,15 @@ RunId = Annotated[
         description="Letters, digits and _ - . : (not first): never a path that leaves its folder",
     ),
 ]
+JobId = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=400,
+        pattern=r"^[A-Za-z0-9_\-][A-Za-z0-9_.:\-]*$",
+        description="<run>.<trial>: names the job's folder, so never a path that leaves it",
+    ),
+]
 TrialName = Annotated[
     str,
     Field(
@@ -127,7 +136,7 @@ class JobSpec(Message):
 
     type_name: ClassVar[str] = "job_spec"
     type: Literal["job_spec"] = "job_spec"
-    job_id: str = Field(min_length=1, max_length=200)
+    job_id: JobId
     manifest: RunManifest
     trial: TrialName = "live"
     parameters: dict[str, Any] = Field(default_factory=dict, description="Overrides of the analysis defaults")
@@ -168,7 +177,7 @@ class JobState(Message):
 
     type_name: ClassVar[str] = "job_state"
     type: Literal["job_state"] = "job_state"
-    job_id: str = Field(min_length=1, max_length=400)
+    job_id: JobId
     run_id: RunId
     trial: TrialName
     status: JobStatus
@@ -297,7 +306,7 @@ class CancelRequest(Message):
 
     type_name: ClassVar[str] = "cancel_request"
     type: Literal["cancel_request"] = "cancel_request"
-    job_id: str = Field(min_length=1, max_length=200)
+    job_id: JobId
     requested_by: str = ""
     requested_at: float = Field(default_factory=now)
 

@@ -58,6 +58,21 @@ def load_spec(path: Path) -> JobSpec:
         raise JobError(f"job spec {path} is invalid: {error}") from error
 
 
+def confined_to(paths: list[str | None], roots: list[Path]) -> None:
+    """Raise JobError when a path of the run lies outside every landing directory (a forged manifest must not make
+    the analysis read arbitrary files); no landing directory configured: nothing to check against."""
+    if not roots:
+        return
+    # Normalised, not resolved: a landing directory may hold links to the detector's storage; ".." may not escape it.
+    normal_roots = [Path(os.path.normpath(os.path.abspath(root))) for root in roots]
+    for path in paths:
+        if path is None:
+            continue
+        normal = Path(os.path.normpath(os.path.abspath(path)))
+        if not any(normal.is_relative_to(root) for root in normal_roots):
+            raise JobError(f"{path} is outside the landing directories {[str(root) for root in roots]}")
+
+
 def prepare(spec: JobSpec) -> tuple[AnalysisParameters, tuple[float, ...], str]:
     """Validate what the job needs before touching any frame; JobError names the defect."""
     manifest = spec.manifest
@@ -90,6 +105,7 @@ class RankWorker:
         self.settings = settings
         self.config = config or JobConfig()
         self.parameters, self.cell, self.space_group = prepare(spec)
+        confined_to([*spec.manifest.files, spec.manifest.geometry], list(settings.landing_dirs))
         self.state = LiveState(settings)
         self.progress = RankProgress()
         # Frames counted under this trial before the job started (a job resumed after preemption) are skipped.
