@@ -7,14 +7,8 @@ in Redis and publishes it) so it controls when runs arrive.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,15 +24,13 @@ from libs.contracts.messages import (
     RunManifest,
     decode_message,
 )
-from libs.contracts.settings import Settings
-from libs.runtime.bus import Consumer, Publisher, Topology, connect, running
-from libs.runtime.state import LiveState
+from services.dispatcher.backends import BACKENDS
 from services.dispatcher.scheduling import ranks_to_keep_up, reservation_from_settings, utilisation
 from sfx.commands.status import slot_timeline
-from sfx.services_control import running_pid, start_services, stop_services
-from tests.conftest import cleanup, make_settings, settings_environment
+from tests.support.harness import SERVICE_TIMEOUT, Services
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # services, mpiexec jobs, minutes
+
 CELL = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)
 SPACE_GROUP = "P 43 21 2"
 FRAMES = 80
@@ -46,13 +38,14 @@ RUNS = ("sched_a", "sched_b", "sched_c", "sched_d")
 SERVICES = ("dispatcher", "merger")
 
 
-class Cluster:
+class Cluster(Services):
     """A dispatcher and a merger on a 4-slot reservation with 2 burst slots, plus a recorder of every JobState."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.settings: Settings = make_settings(
-            work_dir=root / "services",
+    def __init__(self, root: Path, backend: str) -> None:
+        super().__init__(
+            root,
+            SERVICES,
+            backend=backend,
             merge_update_seconds=1.0,
             reservation_nodes=1,
             ranks_per_node=4,
@@ -63,19 +56,11 @@ class Cluster:
             job_retries=2,
             job_retry_backoff_seconds=1.0,
         )
-        self.env = settings_environment(self.settings)
-        self.state = LiveState(self.settings)
         self.files: dict[str, Path] = {}
-        self.history: list[JobState] = []
-        self._lock = threading.Lock()
-
-    def record(self, job: JobState) -> None:
-        with self._lock:
-            self.history.append(job)
+        self.job_states = self.subscribe("test.job-states", JobState, "results", ["job.#"])
 
     def published(self, job_id: str) -> list[JobState]:
-        with self._lock:
-            return [job for job in self.history if job.job_id == job_id]
+        return self.job_states.messages(lambda job: job.job_id == job_id)
 
     def states_of(self, job_id: str) -> list[JobStatus]:
         """The job's changes of status (progress updates within a status collapsed)."""
@@ -101,12 +86,12 @@ class Cluster:
             live=False,
         )
 
-    def announce(self, publisher: Publisher, *run_ids: str) -> None:
+    def announce(self, *run_ids: str) -> None:
         """What ingest does when a run lands: its manifest goes to Redis and onto the bus."""
-        for run_id in run_ids:
-            manifest = self.manifest(run_id)
+        manifests = [self.manifest(run_id) for run_id in run_ids]
+        for manifest in manifests:
             self.state.save_run(manifest)
-            publisher.publish(manifest)
+        self.publish(*manifests)
 
     def know(self, *run_ids: str) -> None:
         """Runs that landed earlier: their manifests are in Redis (reprocessing needs them), no new live job."""
@@ -117,34 +102,21 @@ class Cluster:
         """Reprocess three runs: two jobs fill the 4 reserved slots (and publish frames), the third waits."""
         self.know(*run_ids)
         jobs = [f"{run_id}.{trial}" for run_id in run_ids]
-        with Publisher(self.settings, role="test") as publisher:
-            publisher.publish(ReprocessRequest(run_ids=run_ids, trial=trial))
+        self.publish(ReprocessRequest(run_ids=run_ids, trial=trial))
         self.wait_for(
-            "two jobs running and publishing, one queued",
             lambda: (
                 all(self.frames_published(job) >= 2 for job in jobs[:2])
                 and (job := self.job(jobs[2])) is not None
                 and job.status is JobStatus.QUEUED
             ),
+            what="two jobs running and publishing, one queued",
         )
         return jobs
 
     def job(self, job_id: str) -> JobState | None:
         return self.state.job(job_id)
 
-    def wait_for(self, what: str, condition: Callable[[], object], timeout: float = 240.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if condition():
-                return
-            time.sleep(0.1)
-        logs = "\n".join(
-            f"--- {log.name}\n" + "\n".join(line[:300] for line in log.read_text(errors="replace").splitlines()[-12:])
-            for log in sorted((self.settings.work_dir / "logs").glob("*.log"))
-        )
-        raise AssertionError(f"timed out waiting for {what}\n{logs}")
-
-    def wait_status(self, job_id: str, *statuses: JobStatus, timeout: float = 240.0) -> JobState:
+    def wait_status(self, job_id: str, *statuses: JobStatus, timeout: float = SERVICE_TIMEOUT) -> JobState:
         """Wait until the job's state in Redis is one of ``statuses`` and the recorder has received that state too
         (the dispatcher saves a state before it publishes it)."""
 
@@ -152,7 +124,7 @@ class Cluster:
             job = self.job(job_id)
             return job is not None and job.status in statuses and job.status in self.states_of(job_id)
 
-        self.wait_for(f"{job_id} in {[s.value for s in statuses]}", reached, timeout)
+        self.wait_for(reached, timeout, what=f"{job_id} in {[s.value for s in statuses]}")
         job = self.job(job_id)
         assert job is not None
         return job
@@ -165,62 +137,41 @@ class Cluster:
         return self.state.counters(run_id, trial)["frames"], int(self.state.seen_frames(run_id, trial).sum())
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    cluster = Cluster(tmp_path_factory.mktemp("dispatcher"))
-    data = cluster.root / "data"
-    data.mkdir()
+# Every registered backend runs the same suite: a new backend is tested by registering it.
+@pytest.fixture(scope="module", params=sorted(BACKENDS))
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with Cluster(tmp_path_factory.mktemp(f"dispatcher-{request.param}"), backend=request.param) as cluster:
+        data = cluster.root / "data"
+        data.mkdir()
 
-    def simulate(seed_and_run: tuple[int, str]) -> None:
-        seed, run_id = seed_and_run
-        out = data / f"{run_id}.h5"
-        command = [sys.executable, "-m", "sfx", "simulate", "--out", str(out), "--frames", str(FRAMES)]
-        subprocess.run([*command, "--seed", str(seed), "--truth", "frames"], check=True, capture_output=True, cwd=REPO)
-        cluster.files[run_id] = out
+        def simulate(seed_and_run: tuple[int, str]) -> None:
+            seed, run_id = seed_and_run
+            cluster.files[run_id] = cluster.simulate(data / f"{run_id}.h5", FRAMES, seed, "--truth", "frames")
 
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(simulate, enumerate(RUNS, start=40)))
-    topology = Topology(cluster.settings)
-    with connect(cluster.settings, role="test-setup") as connection:
-        topology.declare(connection)
-    recorder_queue = topology.work_queue("test.job-states", "results", ["job.#"])
-    recorder = Consumer(recorder_queue, JobState, cluster.record, settings=cluster.settings)
-    start_services(cluster.settings.work_dir, SERVICES, env=cluster.env)
-    try:
-        with running(recorder):
-            yield cluster
-    finally:
-        with connect(cluster.settings, role="test-cleanup") as connection:
-            connection.channel().queue_delete(recorder_queue.name)
-        stop_services(cluster.settings.work_dir, SERVICES)
-        for folder in (cluster.settings.work_dir / "jobs").glob("*"):
-            if (folder / "pid").exists() and not (folder / "exit_code").exists():
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(int((folder / "pid").read_text()), signal.SIGKILL)
-        cleanup(cluster.settings)
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(simulate, enumerate(RUNS, start=40)))
+        yield cluster
 
 
 def test_small_reservation_packs_runs_serves_live_first_and_preempts_reprocessing(cluster: Cluster) -> None:
     reservation = reservation_from_settings(cluster.settings)
     began = time.time()
     a, b, c, d = RUNS
-    with Publisher(cluster.settings, role="test") as publisher:
-        # Two complete runs arrive: both run at once, two ranks each, filling the 4 reserved slots.
-        cluster.announce(publisher, a, b)
-        cluster.wait_for("both live jobs running", lambda: all(cluster.states_of(f"{r}.live") for r in (a, b)))
-        # An operator asks to reprocess both while they run: reprocessing waits for reserved slots, although the
-        # 2 burst slots are free (the burst is for live data only).
-        request = ReprocessRequest(run_ids=[a, b], trial="strict", parameters={"spotfinding.sigma_strong": 4.0})
-        publisher.publish(request)
-        # Once both reprocessing jobs are under way, two more live runs arrive: one gets the burst slots, the
-        # other the slots of the youngest reprocessing job, which is preempted.
-        cluster.wait_for(
-            "both reprocessing jobs publishing frames",
-            lambda: min(cluster.frames_published(f"{r}.strict") for r in (a, b)) >= 8,
-        )
-        cluster.announce(publisher, c, d)
-        for job_id in (f"{c}.live", f"{d}.live", f"{a}.strict", f"{b}.strict"):
-            cluster.wait_status(job_id, JobStatus.SUCCEEDED, JobStatus.FAILED)
+    # Two complete runs arrive: both run at once, two ranks each, filling the 4 reserved slots.
+    cluster.announce(a, b)
+    cluster.wait_for(lambda: all(cluster.states_of(f"{r}.live") for r in (a, b)), what="both live jobs running")
+    # An operator asks to reprocess both while they run: reprocessing waits for reserved slots, although the
+    # 2 burst slots are free (the burst is for live data only).
+    cluster.publish(ReprocessRequest(run_ids=[a, b], trial="strict", parameters={"spotfinding.sigma_strong": 4.0}))
+    # Once both reprocessing jobs are under way, two more live runs arrive: one gets the burst slots, the
+    # other the slots of the youngest reprocessing job, which is preempted.
+    cluster.wait_for(
+        lambda: min(cluster.frames_published(f"{r}.strict") for r in (a, b)) >= 8,
+        what="both reprocessing jobs publishing frames",
+    )
+    cluster.announce(c, d)
+    for job_id in (f"{c}.live", f"{d}.live", f"{a}.strict", f"{b}.strict"):
+        cluster.wait_status(job_id, JobStatus.SUCCEEDED, JobStatus.FAILED)
     ended = time.time()
 
     statuses = {job_id: cluster.states_of(job_id) for job_id in (f"{a}.strict", f"{b}.strict")}
@@ -235,10 +186,10 @@ def test_small_reservation_packs_runs_serves_live_first_and_preempts_reprocessin
     # The merger counts frames as it consumes them: wait for its final merges, then every frame was counted once.
     for trial, runs in (("strict", {a, b}), ("live", set(RUNS))):
         cluster.wait_for(
-            f"the final merge of the {trial} trial",
             lambda trial=trial, runs=runs: any(  # type: ignore[misc]
                 u.trial == trial and u.final and runs <= set(u.run_ids) for u in cluster.state.merges()
             ),
+            what=f"the final merge of the {trial} trial",
         )
     merged = [u for u in cluster.state.merges() if u.trial == "strict"]
     assert merged[0].mtz_path is not None
@@ -294,8 +245,7 @@ def test_a_failing_job_is_retried_with_backoff_then_reported_failed(cluster: Clu
         run_ids=[run_id], trial="nopixels", parameters={"spotfinding.d_min": 60.0, "spotfinding.d_max": 90.0}
     )
     cluster.know(run_id)
-    with Publisher(cluster.settings, role="test") as publisher:
-        publisher.publish(request)
+    cluster.publish(request)
     final = cluster.wait_status(job_id, JobStatus.FAILED, timeout=120)
     attempts = cluster.settings.job_retries + 1
     assert final.attempt == attempts
@@ -318,11 +268,8 @@ def test_restarting_the_dispatcher_neither_loses_nor_repeats_a_job(cluster: Clus
     a, b, c, _ = RUNS
     jobs = cluster.two_running_one_queued("restart", [b, c, a])
     # The dispatcher dies hard (SIGKILL: no chance to save anything) and comes back.
-    dispatcher = running_pid(cluster.settings.work_dir, "dispatcher")
-    assert dispatcher is not None
-    os.killpg(dispatcher, signal.SIGKILL)
-    os.waitpid(dispatcher, 0)  # our child (start_services): reap it
-    start_services(cluster.settings.work_dir, ("dispatcher",), env=cluster.env)
+    cluster.kill("dispatcher")
+    cluster.start("dispatcher")
     for job_id in jobs:
         final = cluster.wait_status(job_id, JobStatus.SUCCEEDED, JobStatus.FAILED)
         assert final.status is JobStatus.SUCCEEDED and final.frames_total == FRAMES, final
@@ -332,27 +279,31 @@ def test_restarting_the_dispatcher_neither_loses_nor_repeats_a_job(cluster: Clus
         log = (cluster.settings.work_dir / "jobs" / job_id / "job.log").read_text()
         assert log.count('"job finished"') == 1
     for run_id in (a, b, c):  # the merger counts as it consumes: wait for it to catch up
-        cluster.wait_for(f"{run_id} counted", lambda run_id=run_id: cluster.counted(run_id, "restart")[0] >= FRAMES)
+        cluster.wait_for(
+            lambda run_id=run_id: cluster.counted(run_id, "restart")[0] >= FRAMES,  # type: ignore[misc]
+            what=f"{run_id} counted",
+        )
         assert cluster.counted(run_id, "restart") == (FRAMES, FRAMES)
 
 
-def sfx(cluster: Cluster, *arguments: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sfx", *arguments], capture_output=True, text=True, env=cluster.env, cwd=REPO
-    )
-
-
 def test_sfx_cancel_stops_a_running_and_a_queued_job_for_good(cluster: Cluster) -> None:
-    a, b, c, _ = RUNS
+    a, b, c, d = RUNS
     running_job, other, queued_job = cluster.two_running_one_queued("cancel", [a, b, c])
     # The queued job first: cancelling the running one first would free slots the queued one would then take.
-    result = sfx(cluster, "cancel", queued_job, running_job)
+    result = cluster.sfx("cancel", queued_job, running_job)
     assert result.returncode == 0, result.stderr
     for job_id in (running_job, queued_job):
         final = cluster.wait_status(job_id, JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.SUCCEEDED)
         assert final.status is JobStatus.CANCELLED and "cancelled by" in final.reason, final
     assert cluster.wait_status(other, JobStatus.SUCCEEDED, JobStatus.FAILED).status is JobStatus.SUCCEEDED
-    time.sleep(2)  # a retry or a late start would show by now (backoff 1 s, poll 1 s)
+    # A retry or a late start would show by the time a job requested after the cancellations has run: queued
+    # reprocessing jobs start oldest first, so the cancelled queued job, were it still startable, would start before
+    # it, and a retry of the cancelled running job would fall due (backoff 1 s) while it ran beside free slots.
+    cancelled_at = max(job.updated_at for job in cluster.published(running_job) + cluster.published(queued_job))
+    cluster.know(d)
+    cluster.publish(ReprocessRequest(run_ids=[d], trial="after-cancel"))
+    marker = cluster.wait_status(f"{d}.after-cancel", JobStatus.SUCCEEDED, JobStatus.FAILED)
+    assert marker.updated_at >= cancelled_at + cluster.settings.job_retry_backoff_seconds, "the marker was too quick"
     assert cluster.states_of(running_job)[-2:] == [JobStatus.RUNNING, JobStatus.CANCELLED]
     assert JobStatus.RUNNING not in cluster.states_of(queued_job)
     assert cluster.counted(c, "cancel") == (0, 0)
@@ -360,22 +311,21 @@ def test_sfx_cancel_stops_a_running_and_a_queued_job_for_good(cluster: Cluster) 
     # Nothing of the cancelled job is left running.
     assert not (cluster.settings.work_dir / "jobs" / running_job / "pid").exists()
 
-    ended = sfx(cluster, "cancel", running_job)
+    ended = cluster.sfx("cancel", running_job)
     assert ended.returncode == 2 and f"job {running_job} has already ended (cancelled)" in ended.stderr
-    unknown = sfx(cluster, "cancel", "no_such_run.live")
+    unknown = cluster.sfx("cancel", "no_such_run.live")
     assert unknown.returncode == 2 and "job no_such_run.live is unknown" in unknown.stderr
 
 
 def test_sfx_plan_uses_the_measured_per_frame_costs(cluster: Cluster) -> None:
     cluster.know(RUNS[3])
     if not any(job.status is JobStatus.SUCCEEDED and job.frames_done for job in cluster.state.jobs()):
-        with Publisher(cluster.settings, role="test") as publisher:
-            cluster.announce(publisher, RUNS[3])
+        cluster.announce(RUNS[3])
         cluster.wait_status(f"{RUNS[3]}.live", JobStatus.SUCCEEDED)
     costs = cluster.state.measured_frame_costs(recent_job_ids(cluster.state.jobs()))
     assert costs is not None and 0 < costs.blank_seconds < costs.hit_seconds < 10
 
-    result = sfx(cluster, "plan", "--rate", "120", "--hit-fraction", "0.3", "--frames", "12000")
+    result = cluster.sfx("plan", "--rate", "120", "--hit-fraction", "0.3", "--frames", "12000")
     assert result.returncode == 0, result.stderr
     expected = ranks_to_keep_up(120, 0.3, costs.blank_seconds, costs.hit_seconds)
     assert f"keeping up with 120 Hz needs {expected} ranks" in result.stdout, result.stdout
@@ -383,9 +333,9 @@ def test_sfx_plan_uses_the_measured_per_frame_costs(cluster: Cluster) -> None:
     seconds = 12000 * costs.per_frame(0.3) / 2
     assert f"takes {seconds:.0f} s to process on 2 ranks" in result.stdout, result.stdout
 
-    given = sfx(cluster, "plan", "--rate", "100", "--hit-fraction", "0.5", "--frames", "1000", "--costs", "0.02", "0.1")
+    given = cluster.sfx("plan", "--rate", "100", "--hit-fraction", "0.5", "--frames", "1000", "--costs", "0.02", "0.1")
     assert "keeping up with 100 Hz needs 6 ranks (2 nodes of 4)" in given.stdout, given.stdout
     assert "does NOT keep up: one job gets at most 2 ranks" in given.stdout
     assert "takes 30 s to process on 2 ranks" in given.stdout
-    wrong = sfx(cluster, "plan", "--rate", "100", "--hit-fraction", "1.5", "--frames", "1000")
+    wrong = cluster.sfx("plan", "--rate", "100", "--hit-fraction", "1.5", "--frames", "1000")
     assert wrong.returncode == 2 and "--hit-fraction must lie between 0 and 1, got 1.5" in wrong.stderr

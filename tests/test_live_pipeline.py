@@ -11,8 +11,7 @@ import os
 import re
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import gemmi
@@ -23,12 +22,10 @@ import pytest
 
 from libs.contracts.datasets import dataset_id_for
 from libs.contracts.messages import FrameResult, MergeUpdate, RunManifest, decode_message
-from libs.contracts.settings import Settings
-from libs.runtime.bus import Topology, connect
-from libs.runtime.state import LiveState
 from libs.simulator.files import read_truth
-from sfx.services_control import start_services, stop_services
-from tests.conftest import cleanup, make_settings, settings_environment
+from tests.support.harness import Services
+
+pytestmark = pytest.mark.slow  # every service, mpiexec jobs, minutes
 
 REPO = Path(__file__).resolve().parents[1]
 CELL_TUPLE = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)
@@ -37,18 +34,14 @@ SPACE_GROUP = "P 43 21 2"
 SFX = [sys.executable, "-m", "sfx"]
 
 
-class Pipeline:
-    """Running services plus helpers to feed them runs and wait for their results."""
+class Pipeline(Services):
+    """Every service running, plus helpers to feed them runs and wait for their results."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.landing = root / "landing"
-        self.staging = root / "staging"
-        self.landing.mkdir(parents=True)
-        self.staging.mkdir()
-        self.settings: Settings = make_settings(
-            work_dir=root / "services",
-            landing_dirs=[self.landing],
+        landing = root / "landing"
+        super().__init__(
+            root,
+            landing_dirs=[landing],
             ingest_quiet_seconds=2.0,
             merge_update_seconds=1.0,
             # Two runs at once, two ranks each (as many processes as before the reservation existed).
@@ -56,19 +49,14 @@ class Pipeline:
             ranks_per_node=2,
             job_max_ranks=2,
         )
-        self.env = settings_environment(self.settings)
-        self.state = LiveState(self.settings)
+        self.landing = landing
+        self.staging = root / "staging"
+        self.landing.mkdir(parents=True)
+        self.staging.mkdir()
 
-    def simulate(self, name: str, frames: int, seed: int, *extra: str, into: Path | None = None) -> Path:
-        out = (into or self.staging) / f"{name}.h5"
-        subprocess.run(
-            [*SFX, "simulate", "--out", str(out), "--frames", str(frames), "--seed", str(seed), *extra],
-            check=True,
-            capture_output=True,
-            env=self.env,
-            cwd=REPO,
-        )
-        return out
+    def simulate_run(self, name: str, frames: int, seed: int, *extra: str) -> Path:
+        """A run written to the staging folder (not yet seen by ingest)."""
+        return self.simulate(self.staging / f"{name}.h5", frames, seed, *extra)
 
     def land(self, path: Path, sample: str) -> Path:
         """Describe the run's sample, then move its file into the landing directory in one rename."""
@@ -83,19 +71,6 @@ class Pipeline:
         description = {"sample": sample, "cell": CELL, "space_group": SPACE_GROUP}
         (self.landing / f"{run_id}.sample.json").write_text(json.dumps(description))
 
-    def wait_for(self, what: str, condition: Callable[[], object], timeout: float = 240.0) -> object:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = condition()
-            if value:
-                return value
-            time.sleep(0.5)
-        logs = "\n".join(
-            f"--- {log.name}\n" + "\n".join(line[:300] for line in log.read_text(errors="replace").splitlines()[-8:])
-            for log in sorted((self.settings.work_dir / "logs").glob("*.log"))
-        )
-        raise AssertionError(f"timed out waiting for {what}\n{logs}")
-
     def final_merge(self, run_ids: list[str], sample: str, trial: str = "live") -> MergeUpdate:
         manifest = RunManifest(
             run_id=run_ids[0], files=["x"], file_format="nxmx", sample=sample, cell=CELL_TUPLE, space_group=SPACE_GROUP
@@ -107,7 +82,7 @@ class Pipeline:
             ready = update is not None and update.final and set(run_ids) <= set(update.run_ids) and update.mtz_path
             return update if ready else None
 
-        return done_value(self.wait_for(f"final merge of {run_ids}", done))
+        return self.wait_for(done, what=f"final merge of {run_ids}")
 
     def journal(self, update: MergeUpdate) -> list[FrameResult]:
         assert update.mtz_path is not None
@@ -115,22 +90,10 @@ class Pipeline:
         return [decode_message(line, FrameResult) for line in path.read_bytes().splitlines()]
 
 
-def done_value(value: object) -> MergeUpdate:
-    assert isinstance(value, MergeUpdate)
-    return value
-
-
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
-    running = Pipeline(tmp_path_factory.mktemp("pipeline"))
-    with connect(running.settings, role="test-setup") as connection:
-        Topology(running.settings).declare(connection)
-    start_services(running.settings.work_dir, env=running.env)
-    try:
+    with Pipeline(tmp_path_factory.mktemp("pipeline")) as running:
         yield running
-    finally:
-        stop_services(running.settings.work_dir)
-        cleanup(running.settings)
 
 
 def merged_cc_to_truth(mtz_path: Path, truth_path: Path) -> float:
@@ -166,7 +129,7 @@ def subscriber_program(folder: Path) -> Path:
 
 def test_two_runs_one_live_are_processed_and_merged_exactly_once(pipeline: Pipeline, tmp_path: Path) -> None:
     frames = 30
-    complete_run = pipeline.simulate("run_a", frames, seed=11)
+    complete_run = pipeline.simulate_run("run_a", frames, seed=11)
     complete_truth = complete_run.with_name("run_a.truth.h5")
 
     subscriber = subprocess.Popen(
@@ -211,7 +174,9 @@ def test_two_runs_one_live_are_processed_and_merged_exactly_once(pipeline: Pipel
         stdout=subprocess.DEVNULL,
     )
     # The live run is announced while it is still being written.
-    pipeline.wait_for("a live manifest of run_b", lambda: (m := pipeline.state.run("run_b")) is not None and m.live)
+    pipeline.wait_for(
+        lambda: (m := pipeline.state.run("run_b")) is not None and m.live, what="a live manifest of run_b"
+    )
     assert live_writer.wait(timeout=120) == 0
 
     update = pipeline.final_merge(["run_a", "run_b"], sample="lyso-e2e")
@@ -235,25 +200,19 @@ def test_two_runs_one_live_are_processed_and_merged_exactly_once(pipeline: Pipel
     # The merged intensities are as good as the offline chain on the same frames.
     assert update.mtz_path is not None and Path(update.mtz_path).exists()
     offline = tmp_path / "offline"
-    subprocess.run(
-        [
-            *SFX,
-            "process",
-            str(pipeline.landing / "run_a.h5"),
-            str(pipeline.landing / "run_b.h5"),
-            "--cell",
-            " ".join(map(str, CELL)),
-            "--space-group",
-            SPACE_GROUP,
-            "--out",
-            str(offline),
-            "--nproc",
-            "2",
-        ],
+    pipeline.sfx(
+        "process",
+        str(pipeline.landing / "run_a.h5"),
+        str(pipeline.landing / "run_b.h5"),
+        "--cell",
+        " ".join(map(str, CELL)),
+        "--space-group",
+        SPACE_GROUP,
+        "--out",
+        str(offline),
+        "--nproc",
+        "2",
         check=True,
-        capture_output=True,
-        env=pipeline.env,
-        cwd=REPO,
     )
     live_cc = merged_cc_to_truth(Path(update.mtz_path), complete_truth)
     offline_cc = merged_cc_to_truth(offline / "merged.mtz", complete_truth)
@@ -264,7 +223,7 @@ def test_two_runs_one_live_are_processed_and_merged_exactly_once(pipeline: Pipel
 
 def test_corrupt_frame_and_corrupt_file_are_reported_and_the_rest_processed(pipeline: Pipeline) -> None:
     frames, bad_frame = 12, 4
-    run = pipeline.simulate("run_c", frames, 13, "--compression", "bitshuffle-lz4")
+    run = pipeline.simulate_run("run_c", frames, 13, "--compression", "bitshuffle-lz4")
     with h5py.File(run, "r") as file:
         chunk = file["/entry/data/data"].id.get_chunk_info_by_coord((bad_frame, 0, 0))
     with open(run, "r+b") as raw:
@@ -284,14 +243,14 @@ def test_corrupt_frame_and_corrupt_file_are_reported_and_the_rest_processed(pipe
     assert "frame 4" in failed[0].error and "/entry/data/data" in failed[0].error  # type: ignore[operator]
 
     rejected = pipeline.wait_for(
-        "the rejection of broken_master.h5", lambda: [r for r in pipeline.state.rejections() if "broken" in r.path]
+        lambda: [r for r in pipeline.state.rejections() if "broken" in r.path], what="the rejection of broken_master.h5"
     )
-    assert isinstance(rejected, list) and "broken_master.h5" in rejected[0].reason
+    assert "broken_master.h5" in rejected[0].reason
 
 
 def test_restarting_the_merger_mid_run_gives_the_same_mtz(pipeline: Pipeline) -> None:
     frames = 30
-    source = pipeline.simulate("source", frames, seed=14)
+    source = pipeline.simulate_run("source", frames, seed=14)
     reference = pipeline.staging / "run_ref.h5"
     restarted = pipeline.staging / "run_restart.h5"
     os.link(source, reference)
@@ -302,11 +261,16 @@ def test_restarting_the_merger_mid_run_gives_the_same_mtz(pipeline: Pipeline) ->
 
     pipeline.land(restarted, sample="lyso-restart")
     pipeline.wait_for(
-        "a third of run_restart merged", lambda: pipeline.state.counters("run_restart", "live")["frames"] >= 10
+        lambda: pipeline.state.counters("run_restart", "live")["frames"] >= 10, what="a third of run_restart merged"
     )
-    stop_services(pipeline.settings.work_dir, ("merger",))
-    time.sleep(2)  # frames keep arriving on the durable queue while the merger is down
-    start_services(pipeline.settings.work_dir, ("merger",), env=pipeline.env)
+    pipeline.stop("merger")
+    # Frames keep arriving on the durable queue while the merger is down: wait until some are there (or the job has
+    # ended, so that all it publishes is published) before it comes back.
+    pipeline.wait_for(
+        lambda: pipeline.queue_depth("merger.frames") > 0 or pipeline.job_ended("run_restart.live"),
+        what="frames waiting for the stopped merger",
+    )
+    pipeline.start("merger")
     restarted_update = pipeline.final_merge(["run_restart"], sample="lyso-restart")
 
     assert restarted_update.frames_merged == reference_update.frames_merged
@@ -330,25 +294,13 @@ def test_restarting_the_merger_mid_run_gives_the_same_mtz(pipeline: Pipeline) ->
 
 def test_reprocess_runs_a_second_trial_merged_apart_from_live(pipeline: Pipeline) -> None:
     frames = 12
-    pipeline.land(pipeline.simulate("run_r", frames, seed=15), sample="lyso-reprocess")
+    pipeline.land(pipeline.simulate_run("run_r", frames, seed=15), sample="lyso-reprocess")
     live = pipeline.final_merge(["run_r"], sample="lyso-reprocess")
 
-    refused = subprocess.run(
-        [*SFX, "reprocess", "run_r", "--trial", "strict", "--set", "spotfinding.no_such_thing=1"],
-        capture_output=True,
-        text=True,
-        env=pipeline.env,
-        cwd=REPO,
-    )
+    refused = pipeline.sfx("reprocess", "run_r", "--trial", "strict", "--set", "spotfinding.no_such_thing=1")
     assert refused.returncode == 2 and "no_such_thing" in refused.stderr
 
-    subprocess.run(
-        [*SFX, "reprocess", "run_r", "--trial", "strict", "--set", "spotfinding.sigma_strong=6"],
-        check=True,
-        capture_output=True,
-        env=pipeline.env,
-        cwd=REPO,
-    )
+    pipeline.sfx("reprocess", "run_r", "--trial", "strict", "--set", "spotfinding.sigma_strong=6", check=True)
     strict = pipeline.final_merge(["run_r"], sample="lyso-reprocess", trial="strict")
 
     assert pipeline.state.counters("run_r", "strict")["frames"] == frames
