@@ -592,6 +592,7 @@ def test_run_service_wraps_the_handler_of_every_consumer_in_its_middleware(setti
     assert exit_status == [0]
 
 
+@pytest.mark.slow  # outages of seconds, ~7 s
 def test_a_publisher_waits_out_a_broker_outage_as_long_as_its_setting_allows(settings: Settings) -> None:
     """Analysis ranks and services publish through a broker that goes away: they wait, bounded by a setting."""
     with relay_for(settings.amqp_url) as relay:
@@ -631,6 +632,7 @@ def test_a_message_its_handler_refuses_as_invalid_is_dead_lettered_on_first_deli
     assert "beyond its end" in letter.headers[HEADER_ERROR]
 
 
+@pytest.mark.slow  # publishers held back by a full queue, ~7 s
 def test_a_full_queue_slows_its_publishers_and_drops_nothing(settings: Settings) -> None:
     """More results than the queue may hold, published while nobody consumes: the publisher waits, then all arrive."""
     settings = settings.model_copy(update={"queue_max_messages": 100})

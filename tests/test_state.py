@@ -65,6 +65,7 @@ def count_frames_in_process(settings_json: str, frames: int, increments: int, qu
     queue.put(new)
 
 
+@pytest.mark.slow  # processes writing at once, ~6 s
 def test_concurrent_writers_give_exact_totals(live_state: LiveState, settings: Settings) -> None:
     writers, frames, increments = 3, 1500, 500
     context = multiprocessing.get_context("spawn")
