@@ -254,7 +254,7 @@ def test_intensities_look_like_real_data(experiment: Experiment) -> None:
     assert np.mean(intensity[(d_all > 4) & (d_all < 6)]) > 10 * np.mean(intensity[(d_all > 1.8) & (d_all < 2.0)])
 
 
-@pytest.mark.slow  # three sfx simulate commands, ~6 s
+@pytest.mark.slow  # an sfx simulate command (a fresh interpreter importing the simulator), ~6 s
 def test_simulate_command_writes_frames_and_truth(tmp_path: Path) -> None:
     out = tmp_path / "run.nxs"
     command = [sys.executable, "-m", "sfx", "simulate", "--out", str(out), "--frames", "3", "--seed", "5"]
