@@ -78,6 +78,13 @@ class Settings(BaseSettings):
         None, description="Cell of runs without a sample.json (JSON list a, b, c, alpha, beta, gamma)"
     )
     default_space_group: str | None = Field(None, description="Space group of runs without a sample.json")
+    metrics_port: int = Field(
+        9100,
+        ge=0,
+        le=65_533,  # the merger's offset is 2
+        description="HTTP port of /metrics, /healthz and /readyz; each service adds its offset (ingest 0, "
+        "dispatcher 1, merger 2) so all three fit on one host; 0 disables the endpoint",
+    )
     log_format: str = Field("auto", pattern="^(auto|json|console)$", description="auto: colour on a terminal")
     log_level: str = Field("info", description="debug, info, warning or error")
 

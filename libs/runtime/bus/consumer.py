@@ -34,6 +34,7 @@ from libs.runtime.bus.topology import (
     connect,
 )
 from libs.runtime.logging import get_logger
+from libs.runtime.metrics import count_consumer_reconnect
 
 log = get_logger("libs.runtime.bus")  # one logger name for the whole bus, as when it was one module
 
@@ -159,6 +160,7 @@ class Consumer:
                     if self._stopping.is_set():
                         break
                     self.reconnects += 1
+                    count_consumer_reconnect(self.name)
                     delay = backoff.next_delay()
                     log.warning(
                         "consumer lost its connection; reconnecting",

@@ -16,18 +16,26 @@ import traceback
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import structlog
 
 from libs.contracts.messages import Message
 from libs.runtime.logging import get_logger
 
+if TYPE_CHECKING:
+    from libs.runtime.metrics import ServiceMetrics
+
 log = get_logger("libs.runtime.bus")  # one logger name for the whole bus, as when it was one module
 
 
 class ConsumerMetrics:
-    """Counters of one consumer (Prometheus-style names); thread-safe."""
+    """Counters of one consumer (Prometheus-style names); thread-safe.
+
+    They feed the service's heartbeat. :meth:`export_to` also forwards the outcomes the consumer decides after the
+    handler (retried, dead-lettered, invalid) to the service's Prometheus metrics, where
+    :func:`prometheus_middleware` counts the rest.
+    """
 
     NAMES: ClassVar[tuple[str, ...]] = (
         "messages_handled_total",
@@ -39,13 +47,30 @@ class ConsumerMetrics:
         "handler_seconds_total",
     )
 
+    # The counters the consumer itself adds, and the outcome label each one is exported as.
+    EXPORTED_OUTCOMES: ClassVar[dict[str, str]] = {
+        "messages_retried_total": "retried",
+        "messages_dead_lettered_total": "dead_lettered",
+        "messages_invalid_total": "invalid",
+    }
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._values = dict.fromkeys(self.NAMES, 0.0)
+        self.exporter: ServiceMetrics | None = None
+        self.queue_label = ""
+
+    def export_to(self, exporter: ServiceMetrics, queue_label: str) -> None:
+        """Count into ``exporter`` too, as queue ``queue_label`` (run_service does this for each consumer)."""
+        self.exporter = exporter
+        self.queue_label = queue_label
 
     def add(self, name: str, amount: float = 1.0) -> None:
         with self._lock:
             self._values[name] += amount
+        outcome = self.EXPORTED_OUTCOMES.get(name)
+        if outcome is not None and self.exporter is not None:
+            self.exporter.count_message(self.queue_label, outcome)
 
     def snapshot(self) -> dict[str, float]:
         with self._lock:
@@ -139,6 +164,31 @@ def metrics_middleware(call: HandlerCall) -> HandlerCall:
             metrics.add("handler_seconds_total", time.perf_counter() - started)
 
     return measured
+
+
+def prometheus_middleware(call: HandlerCall) -> HandlerCall:
+    """Count consumed and acked messages and observe the handler time in the service's Prometheus metrics.
+
+    The metrics are the ones the consumer exports to (``delivery.metrics.exporter``, set by run_service); a consumer
+    run outside a service has none, and this middleware then only calls through. A handler that raises is counted
+    by the consumer once it has decided what to do with the message (retried, dead-lettered or invalid).
+    """
+
+    def exported(message: Message, delivery: Delivery) -> None:
+        exporter = delivery.metrics.exporter
+        if exporter is None:
+            call(message, delivery)
+            return
+        queue = delivery.metrics.queue_label
+        exporter.messages_consumed.labels(exporter.service, queue).inc()
+        started = time.perf_counter()
+        try:
+            call(message, delivery)
+        finally:
+            exporter.handler_seconds.labels(exporter.service, queue).observe(time.perf_counter() - started)
+        exporter.count_message(queue, "acked")
+
+    return exported
 
 
 STANDARD_MIDDLEWARE: tuple[Middleware, ...] = (delivery_context_middleware, logging_middleware, metrics_middleware)

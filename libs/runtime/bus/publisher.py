@@ -17,6 +17,7 @@ from libs.runtime.bus.errors import PublishError
 from libs.runtime.bus.retry import Backoff
 from libs.runtime.bus.topology import HEADER_SCHEMA_VERSION, HEADER_TYPE, Topology, connect, routing_key_for
 from libs.runtime.logging import get_logger
+from libs.runtime.metrics import count_publisher_reconnect
 
 log = get_logger("libs.runtime.bus")  # one logger name for the whole bus, as when it was one module
 
@@ -127,6 +128,7 @@ class Publisher:
                 pending = [item for item in pending if id(item) not in self._confirmed]
                 self._drop_connection()
                 self.reconnects += 1
+                count_publisher_reconnect(self.role)
                 if time.monotonic() >= deadline:
                     raise PublishError(
                         f"{len(pending)} message(s) not confirmed by {self._safe_url()} within {self.retry_seconds} s: "
