@@ -26,9 +26,12 @@ import kombu
 import redis
 
 from libs.contracts.settings import Settings, get_settings, redacted_url
+from libs.runtime import metrics as service_metrics
 from libs.runtime.bus import STANDARD_MIDDLEWARE, Consumer, Middleware, connect, declare_topology
+from libs.runtime.health import Liveness, start_health_server
 from libs.runtime.heartbeat import Heartbeat
 from libs.runtime.logging import configure_logging, get_logger
+from libs.runtime.metrics import ServiceMetrics
 
 log = get_logger(__name__)
 
@@ -42,12 +45,14 @@ class PeriodicTask:
     action: Callable[[], None]
 
 
-def _run_periodic(task: PeriodicTask, stopping: threading.Event) -> None:
+def _run_periodic(task: PeriodicTask, stopping: threading.Event, liveness: Liveness) -> None:
     while not stopping.wait(task.period_seconds):
         try:
             task.action()
         except Exception as error:
             log.exception("periodic task failed", task=task.name, error=repr(error))
+        finally:
+            liveness.beat(task.name)  # a round that failed still shows the task's thread is not stuck
 
 
 class CredentialsError(RuntimeError):
@@ -102,11 +107,15 @@ def run_service(
     details: Callable[[], dict[str, Any]] | None = None,
     on_stop: Callable[[], None] | None = None,
     stopping: threading.Event | None = None,
+    metrics: ServiceMetrics | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT (or ``stopping`` is set); returns the exit status.
 
     Every consumer's handler is wrapped in ``middleware`` (first outermost), replacing what the consumer was built
     with: the service's assembly point decides, not the module that built the consumer.
+
+    ``metrics`` (made here unless given) becomes the process's current service metrics, fed by every consumer, and
+    is served with the health checks on the service's port (:mod:`libs.runtime.health`) while the service runs.
     """
     settings = settings or get_settings()
     try:
@@ -114,35 +123,71 @@ def run_service(
     except CredentialsError as error:
         log.error("credentials refused; not starting", service=name, error=str(error))
         return 2
+    metrics = metrics or ServiceMetrics(name)
     for consumer in consumers:
         consumer.use_middleware(middleware)
+        consumer.metrics.export_to(metrics, consumer.queue.name.removeprefix(f"{settings.namespace}."))
     stopping = stopping or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stopping.set())
     declare_topology(settings)
+    liveness = _liveness(consumers, tasks, settings)
     threads = [
-        threading.Thread(target=_run_periodic, args=(task, stopping), name=task.name, daemon=True) for task in tasks
+        threading.Thread(target=_run_periodic, args=(task, stopping, liveness), name=task.name, daemon=True)
+        for task in tasks
     ]
-    with Heartbeat(name, settings=settings, details=details):
-        for consumer in consumers:
-            consumer.start()
-        for thread in threads:
-            thread.start()
-        log.info("service running", consumers=[c.name for c in consumers], tasks=[t.name for t in tasks])
-        while not stopping.wait(0.5):
-            failed = [c for c in consumers if c.error is not None]
-            if failed:
-                log.error("consumer failed; stopping", consumer=failed[0].name, error=repr(failed[0].error))
-                stopping.set()
-        log.info("service stopping")
-        for consumer in consumers:
-            consumer.stop()
-        for thread in threads:
-            thread.join(timeout=10)
-        if on_stop is not None:
-            on_stop()
+    service_metrics.install(metrics)
+    health_server = start_health_server(name, metrics, liveness, settings)
+    try:
+        with Heartbeat(name, settings=settings, details=details) as heartbeat:
+            for consumer in consumers:
+                consumer.start()
+            for thread in threads:
+                thread.start()
+            log.info("service running", consumers=[c.name for c in consumers], tasks=[t.name for t in tasks])
+            beats_seen = heartbeat.beats
+            while not stopping.wait(0.5):
+                liveness.beat(MAIN_LOOP)
+                if heartbeat.beats != beats_seen:
+                    beats_seen = heartbeat.beats
+                    liveness.beat(HEARTBEAT)
+                failed = [c for c in consumers if c.error is not None]
+                if failed:
+                    log.error("consumer failed; stopping", consumer=failed[0].name, error=repr(failed[0].error))
+                    stopping.set()
+            log.info("service stopping")
+            for consumer in consumers:
+                consumer.stop()
+            for thread in threads:
+                thread.join(timeout=10)
+            if on_stop is not None:
+                on_stop()
+    finally:
+        if health_server is not None:
+            health_server.stop()
+        service_metrics.uninstall(metrics)
     return 0 if not any(c.error for c in consumers) else 1
+
+
+MAIN_LOOP = "main loop"
+HEARTBEAT = "heartbeat"
+
+
+def _liveness(consumers: Sequence[Consumer], tasks: Sequence[PeriodicTask], settings: Settings) -> Liveness:
+    """What /healthz watches: the main loop (every 0.5 s), the heartbeat, each periodic task, the consumers."""
+    liveness = Liveness()
+    liveness.expect(MAIN_LOOP, 0.5)
+    liveness.expect(HEARTBEAT, settings.heartbeat_seconds)
+    for task in tasks:
+        liveness.expect(task.name, task.period_seconds)
+
+    def consumers_running() -> str | None:
+        failed = [f"{c.name}: {c.error!r}" for c in consumers if c.error is not None]
+        return f"consumer stopped on an error ({'; '.join(failed)})" if failed else None
+
+    liveness.add_check(consumers_running)
+    return liveness
 
 
 def start_logging(name: str, settings: Settings | None = None) -> Settings:
