@@ -39,6 +39,7 @@ from libs.contracts.messages import (
 )
 from libs.contracts.parameters import AnalysisParameters, with_overrides
 from libs.contracts.settings import Settings
+from libs.runtime import metrics
 from libs.runtime.bus import Consumer, Publisher, PublishError, Topology, current_delivery
 from libs.runtime.logging import get_logger
 from libs.runtime.state import LiveState
@@ -312,6 +313,7 @@ class Dispatcher:
                 else:
                     self._attempt_failed(tracked, _failure_summary(status))
             self._schedule()
+        self._export_metrics()
 
     def _running_jobs(self, current: float) -> list[RunningJob]:
         """The jobs holding slots, as scheduling sees them."""
@@ -612,6 +614,31 @@ class Dispatcher:
             "running_jobs": len(running),
             "queued_jobs": len(waiting),
         }
+
+    def _export_metrics(self) -> None:
+        """Jobs by status, slots and the live lag into the service's Prometheus gauges (after each poll).
+
+        The lag is frames written (the run's latest manifest) minus frames counted under the live trial, summed over
+        the runs with a live job queued or running: one service-level number, never a label per run.
+        """
+        exported = metrics.current()
+        with self._lock:
+            statuses = [job.state.status for job in self.jobs.values()]
+            live_runs = {job.spec.manifest.run_id for job in self.jobs.values() if job.spec.trial == "live"}
+        for status in JobStatus:
+            if status not in FINAL:  # ended jobs leave the dispatcher's queue; their count would only grow
+                exported.jobs.labels(exported.service, status.value).set(statuses.count(status))
+        details = self.details()
+        exported.slots_in_use.labels(exported.service).set(details["slots_in_use"])
+        exported.slots_reserved.labels(exported.service).set(details["reserved_slots"])
+        exported.slots_burst.labels(exported.service).set(details["burst_slots"])
+        exported.slots_burst_in_use.labels(exported.service).set(details["burst_in_use"])
+        lag = 0
+        for run_id in live_runs:
+            manifest = self.state.run(run_id)
+            if manifest is not None and manifest.frame_count is not None:
+                lag += max(0, manifest.frame_count - self.state.frames_seen(run_id, "live"))
+        exported.live_lag_frames.labels(exported.service).set(lag)
 
     def stop(self) -> None:
         if self._publisher is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from libs.runtime.bus import STANDARD_MIDDLEWARE
+from libs.runtime.bus.middleware import prometheus_middleware
 from libs.runtime.service import PeriodicTask, run_service, start_logging
 from services.ingest.service import Ingest
 
@@ -15,6 +17,7 @@ def main() -> int:
         "ingest",
         [],
         [PeriodicTask("scan-landing-dirs", settings.ingest_poll_seconds, ingest.scan)],
+        middleware=[*STANDARD_MIDDLEWARE, prometheus_middleware],  # none consumes yet; the same list as the others
         settings=settings,
         details=ingest.details,
         on_stop=ingest.stop,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from libs.runtime.bus import STANDARD_MIDDLEWARE
+from libs.runtime.bus.middleware import prometheus_middleware
 from libs.runtime.service import PeriodicTask, run_service, start_logging
 from services.merger.service import Merger, make_consumer
 
@@ -16,7 +17,7 @@ def main() -> int:
         "merger",
         [make_consumer(merger, settings)],
         [PeriodicTask("merge-updates", settings.merge_update_seconds, merger.tick)],
-        middleware=STANDARD_MIDDLEWARE,  # add a middleware here to give it to every consumer of the service
+        middleware=[*STANDARD_MIDDLEWARE, prometheus_middleware],  # add a middleware here for every consumer
         settings=settings,
         details=merger.details,
         on_stop=merger.stop,

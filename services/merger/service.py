@@ -36,6 +36,7 @@ from libs.contracts.messages import (
 )
 from libs.contracts.naming import escape_word
 from libs.contracts.settings import Settings
+from libs.runtime import metrics
 from libs.runtime.bus import Consumer, Publisher, PublishError, Topology
 from libs.runtime.durable import Journal, replacing, write_atomically
 from libs.runtime.logging import get_logger
@@ -180,6 +181,11 @@ class Merger:
                 dataset.journal.append(result.encode())
                 self._remember(dataset, result)
                 dataset.pending.append(result)
+                # The frame counters of the whole system: the merger sees every result once (the ranks are too
+                # short-lived to be scraped); a redelivery is not counted again.
+                metrics.current().count_frame(
+                    result.trial, hit=result.hit, indexed=result.indexed, failed=result.error is not None
+                )
         # Counted after it is durable; a redelivery counts again, which the live state ignores (counts once).
         self.state.count_frame_result(result)
 
@@ -267,9 +273,17 @@ class Merger:
         updates: list[MergeUpdate] = []
         with self._lock:
             self._reseed_if_redis_was_emptied()
+            exported = metrics.current()
+            exported.merge_datasets.labels(exported.service).set(len(self.datasets))
             for dataset in self.datasets.values():
                 try:
+                    started = time.perf_counter()
                     update = self._tick_dataset(dataset)
+                    if update is not None:
+                        kind = "final" if update.mtz_path is not None else "incremental"
+                        exported.merge_update_seconds.labels(exported.service, kind).observe(
+                            time.perf_counter() - started
+                        )
                 except Exception as error:
                     # One dataset that cannot be merged or written (a full disk, a bad frame) must not stall the rest.
                     log.exception(
