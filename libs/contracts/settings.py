@@ -74,6 +74,13 @@ class Settings(BaseSettings):
     ingest_quiet_seconds: float = Field(
         5.0, gt=0, description="A file that has not changed for this long is complete (when it does not say so)"
     )
+    live_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="A live run that stops growing without completing for this long ends its analysis job (the run "
+        "is queued again if it grows later)",
+    )
     default_cell: tuple[float, float, float, float, float, float] | None = Field(
         None, description="Cell of runs without a sample.json (JSON list a, b, c, alpha, beta, gamma)"
     )

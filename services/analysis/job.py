@@ -47,6 +47,7 @@ class JobConfig:
     publish_interval_seconds: float = 0.5
     poll_seconds: float = 0.2
     live_timeout_seconds: float = 600.0  # a live run that stops growing without completing for this long ends the job
+    # (the service sets it from SFX_LIVE_TIMEOUT_SECONDS)
 
 
 def load_spec(path: Path) -> JobSpec:
@@ -103,7 +104,7 @@ class RankWorker:
         self.comm = comm
         self.rank = int(comm.Get_rank())
         self.settings = settings
-        self.config = config or JobConfig()
+        self.config = config or JobConfig(live_timeout_seconds=settings.live_timeout_seconds)
         self.parameters, self.cell, self.space_group = prepare(spec)
         confined_to([*spec.manifest.files, spec.manifest.geometry], list(settings.landing_dirs))
         self.state = LiveState(settings)
