@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTHON_FOR_VENV ?= python3.11
 
-.PHONY: install system servers test test-fast lint format demo bench schemas clean
+.PHONY: install system servers test test-fast test-faults lint format demo bench schemas clean
 
 # Debian packages (the servers; DIALS and cctbx, which the tests cross-check against): installs only what is missing.
 system:
@@ -39,6 +39,10 @@ test: install servers lint
 # The edit–test loop: every test but the slow end-to-end ones, in under two minutes.
 test-fast: install servers
 	$(BIN)/pytest -q -m "not slow"
+
+# The fault suite: broker, Redis, disk and process faults against the running pipeline, then a loss-audit table.
+test-faults: install servers
+	$(BIN)/pytest -q -ra -o addopts="" -p no:randomly tests/faults
 
 demo: install servers
 	$(BIN)/sfx demo
