@@ -455,7 +455,10 @@ def test_bus_declare_is_idempotent_and_refuses_conflicting_queues(cli_environmen
     for name in ("runs", "jobs", "results", "control", "dlx", "dead-letters", "merger.frames", "dispatcher.runs"):
         assert declared.count(f"{settings.namespace}.{name}") == 2
     conflicting = Topology(settings.model_copy(update={"delivery_limit": settings.delivery_limit + 1}))
-    with connect(settings) as connection, pytest.raises(BusError, match=r"dispatcher\.runs exists with different"):
+    with (
+        connect(settings) as connection,
+        pytest.raises(BusError, match=r"cannot declare queue \S*dispatcher\.runs .*PRECONDITION_FAILED"),
+    ):
         conflicting.declare(connection)
 
 
@@ -656,7 +659,9 @@ def test_a_full_queue_slows_its_publishers_and_drops_nothing(settings: Settings)
     publishing.start()
     wait_until(lambda: queue_depth(settings, "merger.frames")[0] >= 100, 30, "the queue to fill")
     assert not publishing_done.is_set(), "the publisher did not wait for room"
-    assert 100 <= queue_depth(settings, "merger.frames")[0] <= 101  # bounded (a quorum queue may take one more)
+    # Bounded: a quorum queue checks its limit against committed messages, so a pipelined batch of 50 that was in
+    # flight when it filled may overshoot it, never more.
+    assert 100 <= queue_depth(settings, "merger.frames")[0] <= 100 + 50
     with running(consumer):
         wait_until(publishing_done.is_set, 60, "every publish confirmed once there was room")
         wait_until(lambda: len(set(handled)) == 300, 30, "every result handled")

@@ -18,7 +18,6 @@ from libs.contracts.messages import (
     JobState,
     JobStatus,
     MergeUpdate,
-    MessageError,
     RunManifest,
     decode_message,
 )
@@ -26,7 +25,7 @@ from libs.contracts.settings import Settings
 from libs.runtime.bus import Topology, connect
 from libs.runtime.durable import Journal
 from libs.runtime.state import LiveState
-from services.merger.service import Merger
+from services.merger.service import Merger, MergerError
 from tests.support.faults import relay_for
 from tests.support.merging_data import synthetic_run
 
@@ -207,14 +206,18 @@ def test_a_running_merger_recounts_its_journal_when_redis_restarts_empty(merger_
     assert state.counters("r1", "live") == expected
 
 
-def test_a_result_beyond_the_frames_of_its_run_is_refused_as_a_bad_message(merger_settings: Settings) -> None:
+def test_a_result_beyond_the_announced_frames_waits_for_a_newer_manifest(merger_settings: Settings) -> None:
     state = LiveState(merger_settings)
-    announce(state, "r1")
+    manifest = announce(state, "r1")
     merger = Merger(merger_settings)
-    forged = results_of("r1")[0].model_copy(update={"frame_index": FRAMES})
-    with pytest.raises(MessageError, match=f"frame_index {FRAMES} is beyond run r1, which has {FRAMES} frames"):
-        merger.handle_result(forged)
+    late = results_of("r1")[0].model_copy(update={"frame_index": FRAMES})
+    with pytest.raises(MergerError, match=f"frame_index {FRAMES} is beyond run r1, which has {FRAMES} frames"):
+        merger.handle_result(late)  # retried later by the consumer, not merged, not counted
     assert state.frames_seen("r1", "live") == 0
+    # The run grew after it was announced complete; the ingest publishes a new revision with the new count.
+    state.save_run(manifest.model_copy(update={"frame_count": FRAMES + 1, "revision": 1}))
+    merger.handle_result(late)
+    assert state.was_seen("r1", "live", FRAMES)
 
 
 @pytest.mark.slow

@@ -150,15 +150,16 @@ def test_merger_counts_messages_frames_and_poison_while_messages_flow(settings: 
         frame.model_copy(update={"run_id": "r1", "trial": "live"})
         for frame in synthetic_run(FRAMES, seed=1, per_frame=100).frames
     ]
-    beyond_the_run = results[0].model_copy(update={"frame_index": FRAMES + 5})  # the merger refuses it: invalid
+    forged = json.loads(results[0].encode())
+    forged["frame_index"] = 2**32 - 1  # beyond any run: refused at the boundary, invalid
     tasks = [PeriodicTask("merge-updates", 0.2, merger.tick)]
     with running_service("merger", [make_consumer(merger, settings)], tasks, settings) as port:
         before = scrape(port)
         assert value(before, "sfx_messages_consumed_total", service="merger", queue="merger.frames") == 0
         with Publisher(settings) as publisher:
             publisher.publish_many(results)
-            publisher.publish(beyond_the_run)
             topology = Topology(settings)
+            publisher.publish_raw(json.dumps(forged).encode(), topology.exchanges["results"].name, "frame.r1.live", {})
             publisher.publish_raw(b"{not json", topology.exchanges["results"].name, "frame.r1.live", {})
 
         def settled() -> dict[Any, float] | None:
@@ -171,12 +172,12 @@ def test_merger_counts_messages_frames_and_poison_while_messages_flow(settings: 
 
         samples = wait_for(settled, 30, "every message acked or refused")
         queue = {"service": "merger", "queue": "merger.frames"}
-        assert value(samples, "sfx_messages_consumed_total", **queue) == FRAMES + 1  # the garbage never decoded
+        assert value(samples, "sfx_messages_consumed_total", **queue) == FRAMES  # the two refused never decoded
         assert value(samples, "sfx_message_outcomes_total", **queue, outcome="acked") == FRAMES
         assert value(samples, "sfx_message_outcomes_total", **queue, outcome="invalid") == 2
         assert value(samples, "sfx_message_outcomes_total", **queue, outcome="dead_lettered") == 2
         assert value(samples, "sfx_message_outcomes_total", **queue, outcome="retried") == 0
-        assert value(samples, "sfx_handler_seconds_count", **queue) == FRAMES + 1
+        assert value(samples, "sfx_handler_seconds_count", **queue) == FRAMES
 
         live = {"service": "merger", "trial_kind": "live"}
         assert value(samples, "sfx_frames_analysed_total", **live) == FRAMES

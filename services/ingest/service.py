@@ -7,7 +7,9 @@ directories, groups files into runs (services.ingest.discovery) and opens each r
   published again at most every ``manifest_interval`` seconds with the new frame count (revision + 1); when it is
   complete — the file says so, or its files stopped changing for ``ingest_quiet_seconds`` — a last revision with
   ``live = false`` goes out. Redis keeps the latest manifest, so a restarted ingest (or a second sighting) never
-  publishes a finished run again. Save, then publish: the manifest is saved together with an outbox entry, which
+  publishes a finished run again, unless its files change: a run that grows after it was taken as complete (a writer
+  that paused longer than the quiet period) gets a new revision with the new frame count. Save, then publish: the
+  manifest is saved together with an outbox entry, which
   only a confirmed publish removes; every poll first publishes what the outbox holds, so a crash or a broker outage
   between the two steps delays a manifest but never loses it. Each confirmed manifest is also recorded under
   ``<work_dir>/ingest/published/``: after Redis was emptied the ingest puts those back into Redis instead of
@@ -100,7 +102,8 @@ class Ingest:
         self.stability = StabilityTracker(settings.ingest_quiet_seconds)
         self.manifest_interval = manifest_interval
         self.tracks: dict[str, RunTrack] = {}
-        self.finished: set[str] = set()
+        # Runs published as complete, with the size and mtime of their files then: looked at again only if they change.
+        self.finished: dict[str, tuple[tuple[int, float], ...]] = {}
         self.rejected: dict[Path, tuple[object, ...]] = {}
         self.collisions: set[Path] = set()
         # What was published, kept where it outlives an emptied Redis (Redis is a live view, not the record).
@@ -137,13 +140,22 @@ class Ingest:
             for candidate in recognise_runs(found):
                 candidates.append(self._unique(candidate, directory, directory_of_run))
         for candidate in candidates:
-            if candidate.run_id in self.finished:
+            if self.finished.get(candidate.run_id) == self._files_signature(candidate, observations):
                 continue
+            self.finished.pop(candidate.run_id, None)  # a complete run whose files changed: it may have grown
             try:
                 self._consider(candidate, observations, now)
             except (OSError, RuntimeError, ValueError) as error:
                 # One unreadable run must never stop the others from being seen.
                 log.error("run could not be examined", run_id=candidate.run_id, error=repr(error)[:500])
+
+    @staticmethod
+    def _files_signature(
+        candidate: RunCandidate, observations: dict[Path, FileObservation]
+    ) -> tuple[tuple[int, float], ...]:
+        return tuple(
+            (observations[path].size, observations[path].mtime) for path in candidate.all_files if path in observations
+        )
 
     def _unique(self, candidate: RunCandidate, directory: Path, directory_of_run: dict[str, Path]) -> RunCandidate:
         """The candidate with a run id no run of an earlier landing directory holds (order of SFX_LANDING_DIRS)."""
@@ -205,10 +217,7 @@ class Ingest:
                 latest = self._published_record(candidate.run_id)
                 if latest is not None:  # Redis was emptied: put back what was published, without publishing it again
                     self.state.save_run(latest)
-            if latest is not None and not latest.live:
-                self.finished.add(candidate.run_id)  # published in full before (restart or second sighting)
-                return
-            if latest is not None:
+            if latest is not None:  # published before (a restart, or a second sighting): go on from that revision
                 known = self.tracks[candidate.run_id] = RunTrack(latest, 0.0)
         try:
             with open_run(list(candidate.all_files), candidate.geometry) as reader:
@@ -223,6 +232,8 @@ class Ingest:
         if known is not None:
             unchanged = known.manifest.frame_count == frame_count and known.manifest.live == (not complete)
             too_soon = not complete and now - known.published_at < self.manifest_interval
+            if unchanged and complete:
+                self.finished[candidate.run_id] = self._files_signature(candidate, observations)
             if unchanged or too_soon:
                 return
         try:
@@ -248,7 +259,7 @@ class Ingest:
         self.state.save_run_to_publish(manifest)
         self.tracks[candidate.run_id] = RunTrack(manifest, now)
         if complete:
-            self.finished.add(candidate.run_id)
+            self.finished[candidate.run_id] = self._files_signature(candidate, observations)
         self._publish_manifest(manifest)
         log.info(
             "run manifest published",

@@ -30,7 +30,6 @@ from libs.contracts.messages import (
     JobState,
     JobStatus,
     MergeUpdate,
-    MessageError,
     RunManifest,
     decode_message,
 )
@@ -171,8 +170,12 @@ class Merger:
     def handle_result(self, result: FrameResult) -> None:
         manifest = self._manifest(result.run_id)
         if not manifest.live and manifest.frame_count is not None and result.frame_index >= manifest.frame_count:
-            beyond = f"frame_index {result.frame_index} is beyond run {result.run_id}"
-            raise MessageError(f"{beyond}, which has {manifest.frame_count} frames")
+            manifest = self._newer_manifest(result.run_id)
+            if not manifest.live and manifest.frame_count is not None and result.frame_index >= manifest.frame_count:
+                # Retried with growing delays, not refused at once: a run that grew after it was announced as
+                # complete gets a new manifest within seconds; a forged index ends in the dead letters.
+                beyond = f"frame_index {result.frame_index} is beyond run {result.run_id}"
+                raise MergerError(f"{beyond}, which has {manifest.frame_count} frames as far as the ingest knows")
         with self._lock:
             dataset = self._dataset_for(manifest, result.trial)
             self.run_dataset[(result.run_id, result.trial)] = (dataset.dataset_id, dataset.trial)
@@ -220,6 +223,15 @@ class Merger:
                     raise MergerError(f"run {run_id} has no manifest in the live state; cannot tell its dataset")
             self._manifests[run_id] = manifest
         return manifest
+
+    def _newer_manifest(self, run_id: str) -> RunManifest:
+        """The run's manifest as Redis holds it now (the cached one may be an older revision)."""
+        latest = self.state.run(run_id)
+        if latest is not None and latest.cell is not None and latest.space_group is not None:
+            self._manifests[run_id] = latest
+            write_atomically(self._manifest_file(run_id), latest.encode())
+            return latest
+        return self._manifests[run_id]
 
     def _manifest_file(self, run_id: str) -> Path:
         return self.root / "manifests" / f"{escape_word(run_id)}.json"

@@ -22,6 +22,7 @@ def make_settings(**overrides: object) -> Settings:
         "namespace": f"test-{uuid.uuid4().hex[:10]}",
         "heartbeat_seconds": 0.5,
         "state_ttl_seconds": 3600,
+        "metrics_port": 0,  # tests that scrape choose a free port; the others must not fight over 9100-9102
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
