@@ -166,7 +166,7 @@ def test_merger_counts_messages_frames_and_poison_while_messages_flow(settings: 
             samples = scrape(port)
             outcomes = sum(
                 value(samples, "sfx_message_outcomes_total", service="merger", queue="merger.frames", outcome=o)
-                for o in ("acked", "invalid")
+                for o in ("acked", "dead_lettered")  # counted once the dead letter is confirmed, after "invalid"
             )
             return samples if outcomes == FRAMES + 2 else None
 
