@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from libs.contracts.settings import Settings, redacted_url
 from sfx.cli import main
 from tests.conftest import settings_environment
@@ -22,6 +24,7 @@ def test_version_names_the_installed_distribution() -> None:
     assert printed == f"sfx-live {importlib.metadata.version('sfx-live')}\n"
 
 
+@pytest.mark.slow  # runs sfx in subprocesses (10-25 s)
 def test_sfx_process_writes_plain_progress_lines_when_not_on_a_terminal(tmp_path: Path) -> None:
     run_file = tmp_path / "run.nxs"
     simulate = ["simulate", "--out", str(run_file), "--frames", "24", "--hit-fraction", "1.0", "--seed", "5"]
@@ -48,6 +51,7 @@ def test_redacted_url_hides_only_the_password() -> None:
     assert redacted_url("redis://user@127.0.0.1:6379/0") == "redis://user@127.0.0.1:6379/0"
 
 
+@pytest.mark.slow  # runs sfx in subprocesses (10-25 s)
 def test_sfx_services_never_prints_the_redis_password(settings: Settings) -> None:
     with_password = re.sub(r"^redis://", f"redis://:{PASSWORD}@", settings.redis_url)
     assert PASSWORD in with_password

@@ -44,6 +44,8 @@ from tests.support.waiting import wait_for
 REPO = Path(__file__).resolve().parent.parent
 ROLES = ("service", "operator", "subscriber")
 
+pytestmark = pytest.mark.slow  # users and vhosts made with rabbitmqctl, services started as processes
+
 
 @dataclass(frozen=True)
 class BrokerRoles:

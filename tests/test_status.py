@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from libs.contracts.messages import FrameResult, JobState, JobStatus, MergeUpdate, RunManifest, ShellStatistics
 from libs.contracts.settings import Settings
 from libs.runtime.state import LiveState
@@ -64,6 +66,7 @@ def sfx(settings: Settings, *arguments: str) -> str:
     ).stdout
 
 
+@pytest.mark.slow  # several sfx subprocesses (about 10 s)
 def test_status_shows_runs_rates_jobs_and_merges(settings: Settings, live_state: LiveState) -> None:
     seed_state(live_state)
     # The timeline first: it is drawn relative to now, and each `sfx` start-up moves now on by a second or two.
@@ -88,6 +91,7 @@ def test_status_shows_runs_rates_jobs_and_merges(settings: Settings, live_state:
     assert jobs.splitlines()[1].split()[:7] == ["r0007.live", "running", "live", "1", "2", "0-1", "10"]
 
 
+@pytest.mark.slow  # several sfx subprocesses (about 10 s)
 def test_status_and_jobs_json_hold_what_the_tables_show(settings: Settings, live_state: LiveState) -> None:
     seed_state(live_state)
 
