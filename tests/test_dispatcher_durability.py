@@ -16,13 +16,13 @@ import pytest
 
 from libs.contracts.messages import FrameResult, JobSpec, JobState, JobStatus, RunManifest, decode_message
 from libs.contracts.settings import Settings
-from libs.runtime.bus import Topology, connect
 from libs.runtime.state import LiveState
 from services.dispatcher.backends import make_backend
 from services.dispatcher.records import JobRecord
 from services.dispatcher.service import Dispatcher
 from tests.conftest import wait_until
 from tests.support.faults import relay_for
+from tests.support.namespace import listening
 from tests.support.runs import Runs, write_runs
 
 pytestmark = pytest.mark.slow  # mpiexec jobs
@@ -45,13 +45,8 @@ def dispatcher_settings(settings: Settings, tmp_path: Path, monkeypatch: pytest.
 
 @pytest.fixture
 def job_states(dispatcher_settings: Settings) -> Iterator[kombu.simple.SimpleQueue]:
-    topology = Topology(dispatcher_settings)
-    exchange = kombu.Exchange(topology.name("results"), type="topic", durable=True)
-    queue = kombu.Queue(f"{dispatcher_settings.namespace}.test-jobs", exchange, routing_key="job.#", auto_delete=True)
-    with connect(dispatcher_settings, role="test-jobs") as connection:
-        simple = connection.SimpleQueue(queue)
-        yield simple
-        simple.close()
+    with listening(dispatcher_settings, "results", "job.#", "jobs") as queue:
+        yield queue
 
 
 def manifest(run: Path, run_id: str, *, frames: int = 2, live: bool = True) -> RunManifest:
@@ -168,14 +163,10 @@ def test_a_frame_that_kills_its_rank_on_every_attempt_is_quarantined_and_the_run
         capture_output=True,
     )
     settings = dispatcher_settings.model_copy(update={"job_max_ranks": 1, "job_retry_backoff_seconds": 0.2})
-    results = Topology(settings)
-    exchange = kombu.Exchange(results.name("results"), type="topic", durable=True)
-    queue = kombu.Queue(f"{settings.namespace}.test-frames", exchange, routing_key="frame.#", auto_delete=True)
     state = LiveState(settings)
     dispatcher = Dispatcher(settings, make_backend(settings))
     poison = 3
-    with connect(settings, role="test-frames") as connection:
-        frames = connection.SimpleQueue(queue)
+    with listening(settings, "results", "frame.#", "frames") as frames:
         try:
             dispatcher.handle_manifest(manifest(run, "crashy", frames=6, live=False))
             for attempt in range(2):  # the frame kills its rank (as a segfault in a library would) on both attempts
@@ -211,6 +202,5 @@ def test_a_frame_that_kills_its_rank_on_every_attempt_is_quarantined_and_the_run
             (error,) = [r.error for r in published[poison] if r.error]
             assert error is not None and "quarantined" in error and "2 attempts" in error
         finally:
-            frames.close()
             cancel_all(dispatcher)
             dispatcher.stop()

@@ -11,12 +11,13 @@ import pytest
 
 from libs.contracts.messages import RunManifest, decode_message
 from libs.contracts.settings import Settings
-from libs.runtime.bus import Publisher, Topology, connect
+from libs.runtime.bus import Publisher
 from libs.runtime.state import LiveState
 from libs.science.formats.nxmx import NxmxRunWriter
 from libs.science.geometry import Beam
 from services.ingest.service import Ingest
 from tests.support.frames import small_multipanel_detector, synthetic_frames
+from tests.support.namespace import listening
 
 LYSOZYME = {"sample": "lyso", "cell": [79.1, 79.1, 38.0, 90, 90, 90], "space_group": "P 43 21 2"}
 
@@ -37,13 +38,8 @@ def write_sample(folder: Path, description: dict[str, object]) -> None:
 @pytest.fixture
 def manifests(settings: Settings) -> Iterator[kombu.simple.SimpleQueue]:
     """Every RunManifest published in the test's namespace."""
-    topology = Topology(settings)
-    exchange = kombu.Exchange(topology.name("runs"), type="topic", durable=True)
-    queue = kombu.Queue(f"{settings.namespace}.test-manifests", exchange, routing_key="#", auto_delete=True)
-    with connect(settings, role="test-manifests") as connection:
-        simple = connection.SimpleQueue(queue)
-        yield simple
-        simple.close()
+    with listening(settings, "runs", "#", "manifests") as queue:
+        yield queue
 
 
 def received(queue: kombu.simple.SimpleQueue, count: int) -> list[RunManifest]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import kombu
 import pytest
 
 from libs.contracts.datasets import dataset_id_for
@@ -22,12 +21,12 @@ from libs.contracts.messages import (
     decode_message,
 )
 from libs.contracts.settings import Settings
-from libs.runtime.bus import Topology, connect
 from libs.runtime.durable import Journal
 from libs.runtime.state import LiveState
 from services.merger.service import Merger, MergerError
 from tests.support.faults import relay_for
 from tests.support.merging_data import synthetic_run
+from tests.support.namespace import listening
 
 CELL = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)
 FRAMES = 12
@@ -226,11 +225,10 @@ def test_a_final_merge_update_published_during_a_broker_outage_goes_out_when_it_
 ) -> None:
     state = LiveState(merger_settings)
     manifest = announce(state, "r1")
-    topology = Topology(merger_settings)
-    exchange = kombu.Exchange(topology.name("results"), type="topic", durable=True)
-    queue = kombu.Queue(f"{merger_settings.namespace}.test-merges", exchange, routing_key="merge.#", auto_delete=True)
-    with relay_for(merger_settings.amqp_url) as relay, connect(merger_settings) as connection:
-        updates = connection.SimpleQueue(queue)
+    with (
+        relay_for(merger_settings.amqp_url) as relay,
+        listening(merger_settings, "results", "merge.#", "merges") as updates,
+    ):
         through = merger_settings.model_copy(
             update={"amqp_url": relay.url(merger_settings.amqp_url), "broker_outage_seconds": 0.5}
         )
@@ -246,5 +244,4 @@ def test_a_final_merge_update_published_during_a_broker_outage_goes_out_when_it_
         while not received.final:
             received = decode_message(updates.get(timeout=30).body, MergeUpdate)
         assert received.dataset_id == dataset_id_for(manifest) and received.mtz_path is not None
-        updates.close()
         merger.stop()

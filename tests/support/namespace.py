@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import uuid
+from collections.abc import Iterator
+
+import kombu
+import kombu.simple
 
 from libs.contracts.settings import Settings
 from libs.runtime.bus import Topology, connect
@@ -54,3 +59,17 @@ def rabbitmqctl(*arguments: str) -> str:
     if result.returncode != 0:
         raise RuntimeError(f"rabbitmqctl {' '.join(arguments)} failed: {result.stderr.strip() or result.stdout}")
     return result.stdout
+
+
+@contextlib.contextmanager
+def listening(settings: Settings, exchange: str, routing_key: str, name: str) -> Iterator[kombu.simple.SimpleQueue]:
+    """A queue of the test's own (``<ns>.test-<name>``, deleted when unused) bound to one of the namespace's
+    exchanges, declared before the test acts, so it sees everything published from then on."""
+    bound_to = kombu.Exchange(Topology(settings).name(exchange), type="topic", durable=True)
+    queue = kombu.Queue(f"{settings.namespace}.test-{name}", bound_to, routing_key=routing_key, auto_delete=True)
+    with connect(settings, role=f"test-{name}") as connection:
+        simple = connection.SimpleQueue(queue)
+        try:
+            yield simple
+        finally:
+            simple.close()
