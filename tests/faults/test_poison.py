@@ -92,7 +92,11 @@ def test_poison_corpus_is_dead_lettered_on_first_delivery(
     tmp_path: Path, source_run: Path, reference: Reference, record_row: Callable[[Row], None]
 ) -> None:
     with private_redis(tmp_path) as server, Pipeline(tmp_path / "pipeline", redis_url=server.url) as pipeline:
-        time.sleep(2)  # the services settle (heartbeats, seeds) before the memory is measured
+        # The services have settled (each has a heartbeat, the merger has seeded Redis) before the memory is measured.
+        pipeline.wait_for(
+            lambda: len(pipeline.state.live_services()) >= len(pipeline.names) and pipeline.state.is_seeded("merger"),
+            what="every service running",
+        )
         memory_before = server.used_memory()
         poison = corpus()
         publish_raw(pipeline, poison)
